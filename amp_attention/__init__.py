@@ -1,0 +1,28 @@
+"""amp_attention: approximate message passing and state evolution for single-head attention.
+
+The contract (conventions, equations, checks) is DESIGN.md; section numbers in docstrings refer
+to it.  Layout: ``model`` (teachers, tokens, channels that make y), ``operator`` (matrix-free
+sensing map and adjoint), ``whitening`` (pair coordinates), ``channels`` (losses: prox, g_out),
+``denoisers`` (spectral prox, divergence), ``amp`` (the GAMP loop), ``se`` (its scalar mirror),
+``erm`` (direct training baseline), ``cli``.
+"""
+
+__version__ = "0.1.0"
+
+from .model import (  # noqa: F401
+    Dataset,
+    HardmaxChannel,
+    LinearChannel,
+    SoftmaxChannel,
+    Teacher,
+    sample_data,
+    sample_tokens,
+)
+from .operator import (  # noqa: F401
+    adjoint_whitened,
+    backproject,
+    forward_whitened,
+    preactivations,
+    sample_gram,
+)
+from .whitening import pair_indices, unwhiten, whiten  # noqa: F401

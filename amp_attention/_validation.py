@@ -1,0 +1,83 @@
+"""Input validation shared by the public functions: clear ``ValueError``s, no silent broadcasting."""
+
+from __future__ import annotations
+
+import numbers
+
+import numpy as np
+
+from .whitening import T_MAX
+
+__all__ = [
+    "as_float_array",
+    "check_tokens",
+    "check_symmetric",
+    "check_positive",
+    "check_nonnegative",
+    "check_rng",
+    "check_T",
+]
+
+
+def as_float_array(x, name: str, ndim: int | None = None, allow_empty: bool = False) -> np.ndarray:
+    """Return ``x`` as a float64 array, checking dimension, emptiness and finiteness."""
+    arr = np.asarray(x)
+    if arr.dtype == object or not (
+        np.issubdtype(arr.dtype, np.floating) or np.issubdtype(arr.dtype, np.integer)
+    ):
+        raise ValueError(f"{name} must be a real numeric array, got dtype {arr.dtype}")
+    arr = np.asarray(arr, dtype=np.float64)
+    if ndim is not None and arr.ndim != ndim:
+        raise ValueError(f"{name} must be {ndim}-dimensional, got shape {arr.shape}")
+    if not allow_empty and arr.size == 0:
+        raise ValueError(f"{name} must not be empty, got shape {arr.shape}")
+    if not np.all(np.isfinite(arr)):
+        raise ValueError(f"{name} contains NaN or inf")
+    return arr
+
+
+def check_T(T) -> int:
+    if isinstance(T, bool) or not isinstance(T, numbers.Integral) or not 1 <= T <= T_MAX:
+        raise ValueError(f"T must be an integer in 1..{T_MAX}, got {T!r}")
+    return int(T)
+
+
+def check_tokens(X) -> np.ndarray:
+    """Tokens ``X`` of shape ``(n, T, d)``, n >= 1, 1 <= T <= 8, d >= 1, finite -> float64, C-contiguous."""
+    X = as_float_array(X, "X", ndim=3)
+    check_T(X.shape[1])
+    return np.ascontiguousarray(X)
+
+
+def check_symmetric(S, name: str = "S", d: int | None = None, rtol: float = 1e-10) -> np.ndarray:
+    """A finite symmetric ``(d, d)`` matrix (symmetric to relative tolerance ``rtol``)."""
+    S = as_float_array(S, name, ndim=2)
+    if S.shape[0] != S.shape[1]:
+        raise ValueError(f"{name} must be square (d, d), got shape {S.shape}")
+    if d is not None and S.shape[0] != d:
+        raise ValueError(f"{name} must have shape ({d}, {d}) to match the tokens, got {S.shape}")
+    scale = max(np.max(np.abs(S)), 1e-300)
+    if np.max(np.abs(S - S.T)) > rtol * scale:
+        raise ValueError(f"{name} must be symmetric")
+    return np.ascontiguousarray(S)
+
+
+def check_positive(x, name: str) -> float:
+    if isinstance(x, bool) or not isinstance(x, numbers.Real) or not np.isfinite(x) or x <= 0:
+        raise ValueError(f"{name} must be a finite number > 0, got {x!r}")
+    return float(x)
+
+
+def check_nonnegative(x, name: str) -> float:
+    if isinstance(x, bool) or not isinstance(x, numbers.Real) or not np.isfinite(x) or x < 0:
+        raise ValueError(f"{name} must be a finite number >= 0, got {x!r}")
+    return float(x)
+
+
+def check_rng(rng) -> np.random.Generator:
+    """Accept a ``numpy.random.Generator``, an int seed, or None (fresh entropy)."""
+    if isinstance(rng, np.random.Generator):
+        return rng
+    if rng is None or (isinstance(rng, numbers.Integral) and not isinstance(rng, bool)):
+        return np.random.default_rng(rng)
+    raise ValueError(f"rng must be a numpy.random.Generator, an int seed or None, got {type(rng).__name__}")

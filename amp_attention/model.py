@@ -1,0 +1,271 @@
+"""The attention-indexed model: teachers, tokens and the channels that make ``y`` (DESIGN.md section 1).
+
+Shapes: tokens ``X (n, T, d)``, preactivations ``h (n, T, T)``, targets ``y (n, T, T)``.
+All arrays are float64 and every random draw goes through a seeded ``numpy.random.Generator``:
+the same seed gives bit-identical data.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ._validation import (
+    as_float_array,
+    check_nonnegative,
+    check_positive,
+    check_rng,
+    check_T,
+)
+from .operator import preactivations
+from .whitening import n_pairs, unwhiten
+
+__all__ = [
+    "Teacher",
+    "SoftmaxChannel",
+    "HardmaxChannel",
+    "LinearChannel",
+    "Dataset",
+    "sample_tokens",
+    "sample_data",
+    "haar_orthogonal",
+]
+
+
+def haar_orthogonal(d: int, rng) -> np.ndarray:
+    """A Haar-distributed ``d x d`` orthogonal matrix (QR of a Gaussian matrix with sign fix)."""
+    rng = check_rng(rng)
+    Z = rng.standard_normal((d, d))
+    Q, R = np.linalg.qr(Z)
+    return Q * np.sign(np.diag(R))
+
+
+def _check_dim(d) -> int:
+    if isinstance(d, bool) or not isinstance(d, (int, np.integer)) or d < 1:
+        raise ValueError(f"d must be an integer >= 1, got {d!r}")
+    return int(d)
+
+
+@dataclass(frozen=True, eq=False)
+class Teacher:
+    """A symmetric teacher matrix ``S*`` with its exact spectrum.
+
+    Attributes
+    ----------
+    S : (d, d) float64, symmetric.
+    eigenvalues : (d,) float64, ascending (``S = O diag(eigenvalues) O^T``).
+    kind : str, one of ``'wishart', 'powerlaw', 'lowrank', 'custom'``.
+    params : dict of the constructor parameters (``rho``, ``gamma``, ...).
+
+    Derived: ``d``, ``Q = Tr(S^2)/d``, ``trace_mean = Tr(S)/d``.
+    Build with the class methods (DESIGN.md section 1).
+    """
+
+    S: np.ndarray
+    eigenvalues: np.ndarray
+    kind: str
+    params: dict = field(default_factory=dict)
+
+    @property
+    def d(self) -> int:
+        return self.S.shape[0]
+
+    @property
+    def Q(self) -> float:
+        """``Q* = Tr(S*^2)/d``."""
+        return float(np.mean(self.eigenvalues**2))
+
+    @property
+    def trace_mean(self) -> float:
+        """``Tr(S*)/d``."""
+        return float(np.mean(self.eigenvalues))
+
+    @classmethod
+    def _from_spectrum(cls, eigenvalues, rng, kind, params) -> "Teacher":
+        lam = np.sort(np.asarray(eigenvalues, dtype=np.float64))
+        O = haar_orthogonal(lam.size, rng)
+        S = (O * lam) @ O.T
+        S = 0.5 * (S + S.T)
+        return cls(S=S, eigenvalues=lam, kind=kind, params=params)
+
+    @classmethod
+    def wishart(cls, d: int, rho: float, rng=None) -> "Teacher":
+        """``S* = W W^T / sqrt(r d)``, ``W in R^{d x r}`` iid N(0, 1), ``r = max(1, round(rho d))``.
+
+        ``Tr(S*)/d -> sqrt(rho)`` and ``Q* -> 1 + rho`` as d grows.
+        """
+        d = _check_dim(d)
+        rho = check_positive(rho, "rho")
+        rng = check_rng(rng)
+        r = max(1, int(round(rho * d)))
+        W = rng.standard_normal((d, r))
+        S = (W @ W.T) / np.sqrt(r * d)
+        S = 0.5 * (S + S.T)
+        lam = np.linalg.eigvalsh(S)
+        return cls(S=S, eigenvalues=lam, kind="wishart", params={"rho": rho, "rank": r})
+
+    @classmethod
+    def powerlaw(cls, d: int, gamma: float, rng=None, cutoff: int | None = None) -> "Teacher":
+        """Eigenvalues ``k^-gamma`` for ``k <= cutoff`` (0 beyond), rescaled to ``Q* = 1``; Haar basis."""
+        d = _check_dim(d)
+        gamma = check_nonnegative(gamma, "gamma")
+        if cutoff is None:
+            cutoff = d
+        if isinstance(cutoff, bool) or not isinstance(cutoff, (int, np.integer)) or not 1 <= cutoff <= d:
+            raise ValueError(f"cutoff must be an integer in 1..d={d}, got {cutoff!r}")
+        k = np.arange(1, d + 1, dtype=np.float64)
+        lam = np.where(k <= cutoff, k**-gamma, 0.0)
+        lam *= 1.0 / np.sqrt(np.mean(lam**2))
+        return cls._from_spectrum(lam, rng, "powerlaw", {"gamma": gamma, "cutoff": int(cutoff)})
+
+    @classmethod
+    def lowrank(cls, d: int, rank: int, rng=None, strength: float = 1.0) -> "Teacher":
+        """``rank`` spikes of equal eigenvalue ``strength * sqrt(d / rank)`` on a Haar subspace.
+
+        The scaling keeps ``Q* = strength^2`` (like a Wishart teacher at small ``rho = rank/d``).
+        """
+        d = _check_dim(d)
+        if isinstance(rank, bool) or not isinstance(rank, (int, np.integer)) or not 1 <= rank <= d:
+            raise ValueError(f"rank must be an integer in 1..d={d}, got {rank!r}")
+        strength = check_positive(strength, "strength")
+        lam = np.zeros(d)
+        lam[:rank] = strength * np.sqrt(d / rank)
+        return cls._from_spectrum(lam, rng, "lowrank", {"rank": int(rank), "strength": strength})
+
+    @classmethod
+    def custom(cls, eigenvalues, rng=None) -> "Teacher":
+        """Given eigenvalues (length d) in a Haar-random basis."""
+        lam = as_float_array(eigenvalues, "eigenvalues", ndim=1)
+        return cls._from_spectrum(lam, rng, "custom", {})
+
+    def __repr__(self) -> str:
+        p = ", ".join(f"{k}={v}" for k, v in self.params.items())
+        return f"Teacher.{self.kind}(d={self.d}{', ' if p else ''}{p}; Q*={self.Q:.4g})"
+
+
+# --------------------------------------------------------------------------------------------
+# Channels that make y from the teacher's preactivations h* (DESIGN.md section 1)
+# --------------------------------------------------------------------------------------------
+
+
+def _check_h(h) -> np.ndarray:
+    h = as_float_array(h, "h", ndim=3)
+    if h.shape[1] != h.shape[2]:
+        raise ValueError(f"h must have shape (n, T, T), got {h.shape}")
+    check_T(h.shape[1])
+    return h
+
+
+def row_softmax(h: np.ndarray, beta: float) -> np.ndarray:
+    """Row-wise ``softmax(beta * h)`` along the last axis, log-sum-exp stable for any beta > 0."""
+    s = beta * h
+    s = s - s.max(axis=-1, keepdims=True)
+    e = np.exp(s)
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+@dataclass(frozen=True)
+class SoftmaxChannel:
+    """``y_a = softmax(beta * h*_a)`` row-wise (each row of ``y`` sums to 1). Needs T >= 2."""
+
+    beta: float = 1.0
+
+    def __post_init__(self):
+        check_positive(self.beta, "beta")
+
+    def __call__(self, h, rng=None) -> np.ndarray:
+        h = _check_h(h)
+        if h.shape[1] == 1:
+            raise ValueError("the softmax channel needs T >= 2 tokens: with T = 1 every target is y = 1")
+        return row_softmax(h, self.beta)
+
+
+@dataclass(frozen=True)
+class HardmaxChannel:
+    """One-hot argmax per row (``beta -> infinity``); ties go to the lowest index. Needs T >= 2."""
+
+    def __call__(self, h, rng=None) -> np.ndarray:
+        h = _check_h(h)
+        if h.shape[1] == 1:
+            raise ValueError("the hardmax channel needs T >= 2 tokens: with T = 1 every target is y = 1")
+        idx = np.argmax(h, axis=-1)
+        y = np.zeros_like(h)
+        np.put_along_axis(y, idx[..., None], 1.0, axis=-1)
+        return y
+
+
+@dataclass(frozen=True)
+class LinearChannel:
+    """``y = h* + sqrt(noise) xi``, ``xi`` symmetric with off-diagonal variance 1, diagonal variance 2."""
+
+    noise: float = 0.0
+
+    def __post_init__(self):
+        check_nonnegative(self.noise, "noise")
+
+    def __call__(self, h, rng=None) -> np.ndarray:
+        h = _check_h(h)
+        if self.noise == 0.0:
+            return h.copy()
+        rng = check_rng(rng)
+        n, T, _ = h.shape
+        xi = unwhiten(rng.standard_normal((n, n_pairs(T))), T)
+        return h + np.sqrt(self.noise) * xi
+
+
+# --------------------------------------------------------------------------------------------
+# Sampling
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, eq=False)
+class Dataset:
+    """Sampled data: tokens ``X (n, T, d)``, targets ``y (n, T, T)``, teacher preactivations ``h (n, T, T)``."""
+
+    X: np.ndarray
+    y: np.ndarray
+    h: np.ndarray
+
+    @property
+    def n(self) -> int:
+        return self.X.shape[0]
+
+    @property
+    def T(self) -> int:
+        return self.X.shape[1]
+
+    @property
+    def d(self) -> int:
+        return self.X.shape[2]
+
+
+def sample_tokens(n: int, T: int, d: int, rng=None) -> np.ndarray:
+    """Tokens ``X (n, T, d)`` with iid N(0, 1) entries."""
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
+        raise ValueError(f"n must be an integer >= 1, got {n!r}")
+    T = check_T(T)
+    d = _check_dim(d)
+    rng = check_rng(rng)
+    return rng.standard_normal((int(n), T, d))
+
+
+def sample_data(n: int, T: int, teacher: Teacher, channel, rng=None) -> Dataset:
+    """Sample ``n`` sequences of ``T`` tokens and their targets ``y = channel(h(S*; X))``.
+
+    The tokens are drawn first, then the channel noise, from the same generator ``rng``.
+    """
+    if not isinstance(teacher, Teacher):
+        raise ValueError(f"teacher must be an amp_attention.Teacher, got {type(teacher).__name__}")
+    if not callable(channel) or not isinstance(channel, (SoftmaxChannel, HardmaxChannel, LinearChannel)):
+        raise ValueError(
+            "channel must be SoftmaxChannel, HardmaxChannel or LinearChannel, "
+            f"got {type(channel).__name__}"
+        )
+    rng = check_rng(rng)
+    if T == 1 and isinstance(channel, (SoftmaxChannel, HardmaxChannel)):
+        raise ValueError(f"{type(channel).__name__} needs T >= 2 tokens: with T = 1 every target is y = 1")
+    X = sample_tokens(n, T, teacher.d, rng)
+    h = preactivations(X, teacher.S)
+    y = channel(h, rng)
+    return Dataset(X=X, y=y, h=h)
