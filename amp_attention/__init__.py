@@ -26,3 +26,21 @@ from .operator import (  # noqa: F401
     sample_gram,
 )
 from .whitening import pair_indices, unwhiten, whiten  # noqa: F401
+from .channels import CrossEntropyLoss, SquareLoss  # noqa: F401
+from .denoisers import (  # noqa: F401
+    FrobeniusDenoiser,
+    NuclearDenoiser,
+    nuclear_prox,
+    spectral_divergence,
+)
+from .amp import AMPResult, ERMAttention, gamp  # noqa: F401
+from .erm import ERMResult, direct_erm, erm_gradient, erm_objective, kkt_residual  # noqa: F401
+from .spectral import SpectralLaw  # noqa: F401
+from .se import SEResult, state_evolution  # noqa: F401
+from .bayes import (  # noqa: F401
+    BayesAttention,
+    BayesLinearOutput,
+    BayesSoftmaxOutput,
+    RIEDenoiser,
+    bayes_state_evolution,
+)

@@ -1,0 +1,1156 @@
+"""Output side of ERM-GAMP: per-sample losses, their proximal maps and ``g_out`` (DESIGN.md 4, 5).
+
+Conventions (DESIGN.md section 2)
+---------------------------------
+A sample's preactivations form a symmetric ``T x T`` matrix ``h``; its ``K = T(T+1)/2`` whitened
+coordinates are ``z_k = h_ab / c_k`` for pairs ``k = (a, b)``, ``a <= b`` in row-major order,
+``c_k = sqrt(2)`` on the diagonal and ``1`` off it (see :mod:`amp_attention.whitening`).  An
+off-diagonal ``z_k`` therefore appears twice in ``h`` (entries ``(a, b)`` and ``(b, a)``).
+
+Targets ``y`` are always the raw ``(n, T, T)`` arrays produced by the channel (softmax rows, one-hot
+rows or noisy linear preactivations); they need not be symmetric.
+
+Losses (DESIGN.md section 4), per sample
+----------------------------------------
+* :class:`SquareLoss`: ``1/2 ||y - h||_F^2`` over all ``T x T`` entries.  In whitened coordinates
+  ``l_y(z) = ||z_y - z||^2 + 1/2 ||(y - y^T)/2||_F^2`` with ``z_y = whiten(y)`` (symmetric part).
+* :class:`CrossEntropyLoss`: ``sum_a [ -beta sum_b y_ab h_ab + logsumexp_b(beta h_ab) ]``, convex,
+  constant along the global shift ``h -> h + c 11^T`` when the rows of ``y`` sum to one, i.e. along
+  the whitened direction ``u ~ (1/c_k)_k`` (:func:`amp_attention.whitening.flat_direction`).
+
+Proximal map and ``g_out`` (DESIGN.md section 5, step 2 and "Prox details")
+---------------------------------------------------------------------------
+For each sample, with ``V`` a symmetric positive definite ``K x K`` variance,
+
+    p      = argmin_z  l_y(z) + 1/2 (z - omega)^T V^{-1} (z - omega)
+    g      = V^{-1} (p - omega) = -grad l_y(p)            (the latter form is used)
+    dg     = -dg/domega = H (I + V H)^{-1},  H = hess l_y(p)   (symmetric PSD, returned symmetrised)
+
+``V`` may be given as a positive scalar (``V = v I_K`` for every sample, the state-evolution case),
+a ``(K, K)`` matrix shared by all samples, or a ``(n, K, K)`` stack (per-sample variances
+``V^t Gamma_mu`` of GAMP).  Shared variances are never broadcast to ``(n, K, K)`` in memory.
+
+Facts worth knowing (tested in ``tests/test_channels.py``): ``g`` is orthogonal to the flat
+direction ``u`` (``u^T V^{-1}(p - omega) = 0``) and ``dg u = 0``; the u-component of ``omega`` is
+left unchanged by the prox (``u^T p = u^T omega``) only when ``u`` is an eigenvector of ``V``
+(e.g. ``V = v I``), not for general per-sample ``V``.
+
+Implementation: the square loss is closed form (vectorised NumPy).  The cross-entropy prox is a
+damped Newton method, run per sample in the Numba kernel ``_ce_prox_kernel`` (parallel over
+samples); ``_ce_prox_numpy`` is an independently written, vectorised NumPy twin used by the tests.
+The damping is a line search on the (convex) prox objective along the Newton direction, driven by
+its directional derivatives rather than Armijo backtracking on values: at large beta the values
+cancel catastrophically and Armijo backtracking needed 3-5x more Newton steps (50-300 at
+beta = 1e4, T = 8 versus 12-25).
+"""
+
+from __future__ import annotations
+
+import numbers
+
+import numba
+import numpy as np
+from numba import njit, prange
+
+from ._validation import as_float_array, check_positive, check_T
+from .whitening import n_pairs, pair_indices, unwhiten, whiten
+
+__all__ = [
+    "Loss",
+    "SquareLoss",
+    "CrossEntropyLoss",
+    "make_loss",
+    "square_prox",
+    "square_g_out",
+    "cross_entropy_prox",
+    "cross_entropy_g_out",
+]
+
+_DEFAULT_TOL = 1e-11
+_DEFAULT_MAX_NEWTON = 100
+
+# Status codes of the cross-entropy Newton solver (per sample).
+_CONVERGED_RESIDUAL = 0  # ||V grad_l + z - omega||_inf <= tol * scale
+_CONVERGED_STEP = 1  # Newton step ||dz||_inf <= tol * (1 + ||z||_inf)
+_MAX_ITER = 2  # max_newton iterations without convergence
+_LINE_SEARCH_FAILED = 3  # the line search found no step with decrease
+_NONFINITE = 4  # a non-finite value appeared (should not happen for valid inputs)
+
+
+# --------------------------------------------------------------------------------------------
+# Validation helpers
+# --------------------------------------------------------------------------------------------
+
+
+def _check_targets(y, min_T: int = 1) -> np.ndarray:
+    """Targets ``y`` of shape ``(n, T, T)``, n >= 1, ``min_T <= T <= 8``, finite -> float64."""
+    y = as_float_array(y, "y", ndim=3)
+    if y.shape[1] != y.shape[2]:
+        raise ValueError(f"y must have shape (n, T, T), got {y.shape}")
+    T = check_T(y.shape[1])
+    if T < min_T:
+        raise ValueError(
+            "the cross-entropy (softmax) loss needs T >= 2 tokens: with T = 1 the softmax of a "
+            f"single logit is identically 1 and the loss is degenerate; got y of shape {y.shape}"
+        )
+    return np.ascontiguousarray(y)
+
+
+def _check_H(H, y: np.ndarray) -> np.ndarray:
+    H = as_float_array(H, "H", ndim=3)
+    if H.shape != y.shape:
+        raise ValueError(f"H must have the shape of y {y.shape}, got {H.shape}")
+    return H
+
+
+def _check_z(z, name: str, y: np.ndarray) -> np.ndarray:
+    n, T = y.shape[0], y.shape[1]
+    K = n_pairs(T)
+    z = as_float_array(z, name, ndim=2)
+    if z.shape != (n, K):
+        raise ValueError(f"{name} must have shape (n, K) = ({n}, {K}) to match y, got {z.shape}")
+    return np.ascontiguousarray(z)
+
+
+def _prepare_V(V, n: int, K: int):
+    """Validate ``V`` and return ``(Vs, L)``, both ``(nV, K, K)`` with ``nV in {1, n}``.
+
+    ``V`` is a positive scalar (``v I_K``), a ``(K, K)`` matrix or an ``(n, K, K)`` stack; it must
+    be finite, symmetric (relative tolerance 1e-10) and positive definite.  ``L`` is the lower
+    Cholesky factor.
+    """
+    if isinstance(V, bool):
+        raise ValueError(f"V must be a positive number or a (K, K) / (n, K, K) array, got {V!r}")
+    arr = as_float_array(V, "V")
+    if arr.ndim == 0:
+        v = float(arr)
+        if v <= 0:
+            raise ValueError(f"V must be > 0 when given as a scalar, got {v!r}")
+        eye = np.eye(K)
+        return (v * eye)[None], (np.sqrt(v) * eye)[None]
+    if arr.ndim == 2:
+        if arr.shape != (K, K):
+            raise ValueError(f"V must have shape (K, K) = ({K}, {K}), got {arr.shape}")
+        arr = arr[None]
+    elif arr.ndim == 3:
+        if arr.shape != (n, K, K):
+            raise ValueError(f"V must have shape (n, K, K) = ({n}, {K}, {K}), got {arr.shape}")
+    else:
+        raise ValueError(f"V must be a scalar, (K, K) or (n, K, K), got shape {arr.shape}")
+    scale = np.maximum(np.max(np.abs(arr), axis=(1, 2)), 1e-300)
+    asym = np.max(np.abs(arr - np.swapaxes(arr, 1, 2)), axis=(1, 2))
+    if np.any(asym > 1e-10 * scale):
+        raise ValueError("V must be symmetric (per sample)")
+    Vs = np.ascontiguousarray(0.5 * (arr + np.swapaxes(arr, 1, 2)))
+    try:
+        L = np.linalg.cholesky(Vs)
+    except np.linalg.LinAlgError:
+        raise ValueError("V must be positive definite (per sample)") from None
+    if not np.all(np.isfinite(L)):
+        raise ValueError("V must be positive definite (per sample)")
+    return Vs, np.ascontiguousarray(L)
+
+
+def _check_jacobian(jacobian) -> str:
+    if jacobian not in ("full", "trace"):
+        raise ValueError(f"jacobian must be 'full' or 'trace', got {jacobian!r}")
+    return jacobian
+
+
+def _check_tol(tol) -> float:
+    return check_positive(tol, "tol")
+
+
+def _check_max_newton(max_newton) -> int:
+    if (
+        isinstance(max_newton, bool)
+        or not isinstance(max_newton, numbers.Integral)
+        or max_newton < 1
+    ):
+        raise ValueError(f"max_newton must be an integer >= 1, got {max_newton!r}")
+    return int(max_newton)
+
+
+def _pair_maps(T: int):
+    """``kidx[a, b]`` = whitened index of entry (a, b); ``cc[a, b]`` = its constant ``c_k``."""
+    ia, ib, c = pair_indices(T)
+    kidx = np.empty((T, T), dtype=np.int64)
+    cc = np.empty((T, T))
+    kidx[ia, ib] = np.arange(ia.size)
+    kidx[ib, ia] = np.arange(ia.size)
+    cc[ia, ib] = c
+    cc[ib, ia] = c
+    return kidx, cc
+
+
+def _z_adjoint(G: np.ndarray) -> np.ndarray:
+    """Chain rule through ``unwhiten``: ``G = dL/dH (n, T, T)`` -> ``dL/dz (n, K)``.
+
+    ``dL/dz_k = c_k (G_ab + G_ba)`` off the diagonal and ``c_k G_aa`` on it.
+    """
+    ia, ib, c = pair_indices(G.shape[1])
+    out = G[:, ia, ib] + G[:, ib, ia]
+    out *= np.where(ia == ib, 0.5, 1.0) * c
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Square loss (closed form, vectorised NumPy)
+# --------------------------------------------------------------------------------------------
+
+
+def _square_value(y, H):
+    return 0.5 * np.sum((y - H) ** 2, axis=(1, 2))
+
+
+def _square_value_z(y, z):
+    zy = whiten(y)
+    anti = 0.5 * (y - np.swapaxes(y, 1, 2))
+    return np.sum((z - zy) ** 2, axis=1) + 0.5 * np.sum(anti**2, axis=(1, 2))
+
+
+def _apply_shared_or_stacked(M, x):
+    """``M (nV, K, K)`` times ``x (n, K)`` per sample (``nV == 1`` broadcasts)."""
+    if M.shape[0] == 1:
+        return x @ M[0].T
+    return np.einsum("nij,nj->ni", M, x)
+
+
+def _square_prox_core(y, omega, Vs):
+    """Returns ``p, g, A`` with ``A = (I + 2V)^{-1}`` as ``(nV, K, K)``."""
+    K = omega.shape[1]
+    zy = whiten(y)
+    A = np.linalg.inv(np.eye(K)[None] + 2.0 * Vs)
+    A = 0.5 * (A + np.swapaxes(A, 1, 2))
+    p = _apply_shared_or_stacked(A, 2.0 * _apply_shared_or_stacked(Vs, zy) + omega)
+    g = 2.0 * (zy - p)
+    return p, g, A
+
+
+def _closed_form_info(n):
+    return {"n_iter": 0, "n_failed": 0, "converged": np.ones(n, dtype=bool)}
+
+
+def square_prox(y, omega, V):
+    """Prox of the square loss ``1/2 ||y - h||_F^2`` (DESIGN.md section 5, "Prox details").
+
+    Parameters
+    ----------
+    y : (n, T, T) raw targets (not necessarily symmetric), 1 <= T <= 8.
+    omega : (n, K) whitened centres, ``K = T(T+1)/2``.
+    V : positive scalar (``v I_K``), ``(K, K)`` or ``(n, K, K)`` symmetric positive definite.
+
+    Returns
+    -------
+    p : (n, K), ``p = (I + 2V)^{-1} (2 V z_y + omega)`` with ``z_y = whiten(y)``.
+    info : dict ``{"n_iter": 0, "n_failed": 0, "converged": ones(n, bool)}`` (closed form).
+    """
+    y = _check_targets(y)
+    omega = _check_z(omega, "omega", y)
+    Vs, _ = _prepare_V(V, y.shape[0], omega.shape[1])
+    p, _, _ = _square_prox_core(y, omega, Vs)
+    return p, _closed_form_info(y.shape[0])
+
+
+def square_g_out(y, omega, V, jacobian: str = "full"):
+    """``g_out`` of the square loss (DESIGN.md section 5, step 2).
+
+    Returns ``(g, dg, info)``: ``g = 2 (z_y - p) = -grad l_y(p)`` of shape (n, K);
+    ``dg = -dg/domega = 2 (I + 2V)^{-1}`` of shape (n, K, K) (``jacobian="full"``) or its trace,
+    shape (n,) (``jacobian="trace"``); ``info`` as in :func:`square_prox` plus ``info["p"]``.
+    """
+    y = _check_targets(y)
+    omega = _check_z(omega, "omega", y)
+    jacobian = _check_jacobian(jacobian)
+    n, K = omega.shape
+    Vs, _ = _prepare_V(V, n, K)
+    p, g, A = _square_prox_core(y, omega, Vs)
+    if jacobian == "full":
+        dg = np.empty((n, K, K))
+        dg[...] = 2.0 * A
+    else:
+        dg = np.empty(n)
+        dg[...] = 2.0 * np.trace(A, axis1=1, axis2=2)
+    info = _closed_form_info(n)
+    info["p"] = p
+    return g, dg, info
+
+
+# --------------------------------------------------------------------------------------------
+# Cross-entropy loss: vectorised NumPy (public value/grad/hess, and the NumPy twin of the prox)
+# --------------------------------------------------------------------------------------------
+
+
+def _ce_softmax_parts(y, H, beta):
+    """Row-wise stable pieces: returns ``value (n,)`` and the softmax ``s (n, T, T)`` of beta H."""
+    bh = beta * H
+    m = np.max(bh, axis=2, keepdims=True)
+    e = np.exp(bh - m)
+    ssum = np.sum(e, axis=2, keepdims=True)
+    s = e / ssum
+    lse = m[..., 0] + np.log(ssum[..., 0])  # (n, T)
+    value = np.sum(lse, axis=1) - np.sum(y * bh, axis=(1, 2))
+    return value, s
+
+
+def _ce_value_z(y, z, beta):
+    return _ce_softmax_parts(y, unwhiten(z, y.shape[1]), beta)[0]
+
+
+def _ce_grad_z(y, z, beta):
+    _, s = _ce_softmax_parts(y, unwhiten(z, y.shape[1]), beta)
+    return _z_adjoint(beta * (s - y))
+
+
+def _ce_hess_z(y, z, beta):
+    T = y.shape[1]
+    K = n_pairs(T)
+    _, s = _ce_softmax_parts(y, unwhiten(z, T), beta)
+    kidx, cc = _pair_maps(T)
+    hess = np.zeros((z.shape[0], K, K))
+    b2 = beta * beta
+    off = 1.0 - np.eye(T)
+    for a in range(T):
+        sa = s[:, a, :]  # (n, T)
+        B = -sa[:, :, None] * sa[:, None, :]
+        # diagonal s_b (1 - s_b) as s_b * sum_{e != b} s_e: accurate for saturated rows
+        B[:, np.arange(T), np.arange(T)] = sa * (sa @ off)
+        ks = kidx[a]
+        hess[:, ks[:, None], ks[None, :]] += (b2 * np.outer(cc[a], cc[a]))[None] * B
+    return hess
+
+
+def _ce_prox_numpy(y, omega, V, beta, p0=None, tol=_DEFAULT_TOL, max_newton=_DEFAULT_MAX_NEWTON):
+    """NumPy twin of :func:`_ce_prox_kernel` (vectorised over samples; used by the tests).
+
+    Same problem and stopping rules, written independently: the Newton system is solved in the
+    form ``(I + V H) dz = -(V grad_l + z - omega)`` with batched LU (``np.linalg.solve``); the step
+    length minimises the prox objective along ``dz`` by plain bisection on its directional
+    derivative (bracket grown by doubling up to ``t = 64``); ``dg = H (I + V H)^{-1}`` comes from
+    ``(I + H V) dg^T = H``.  ``V`` is ``(n, K, K)`` (or broadcastable to it).
+
+    Returns ``p (n, K), g (n, K), dg (n, K, K), iterations (n,), status (n,)``.
+    """
+    n, K = omega.shape
+    V = np.broadcast_to(np.asarray(V, dtype=np.float64), (n, K, K))
+    Vinv = np.linalg.inv(V)
+    eye = np.eye(K)
+    z = (omega if p0 is None else p0).astype(np.float64, copy=True)
+    iterations = np.zeros(n, dtype=np.int64)
+    status = np.full(n, -1, dtype=np.int64)
+    vnorm = np.max(np.sum(np.abs(V), axis=2), axis=1)
+    om_inf = np.max(np.abs(omega), axis=1)
+    active = np.arange(n)
+
+    def dphi(idx, zz, dz):
+        """Directional derivative of the prox objective at zz along dz."""
+        F = _ce_grad_z(y[idx], zz, beta) + np.einsum("nij,nj->ni", Vinv[idx], zz - omega[idx])
+        return np.sum(F * dz, axis=1)
+
+    for it in range(max_newton + 1):
+        if active.size == 0:
+            break
+        za, ya, Va = z[active], y[active], V[active]
+        grad = _ce_grad_z(ya, za, beta)
+        r = np.einsum("nij,nj->ni", Va, grad) + za - omega[active]
+        zinf = np.max(np.abs(za), axis=1)
+        scale = 1.0 + om_inf[active] + zinf + beta * vnorm[active]
+        rinf = np.max(np.abs(r), axis=1)
+        bad = ~np.isfinite(rinf)
+        status[active[bad]] = _NONFINITE
+        done = ~bad & (rinf <= tol * scale)
+        status[active[done]] = _CONVERGED_RESIDUAL
+        keep = ~bad & ~done
+        if it == max_newton:
+            status[active[keep]] = _MAX_ITER
+            break
+        active, za, Va, r, zinf = active[keep], za[keep], Va[keep], r[keep], zinf[keep]
+        if active.size == 0:
+            break
+        Hs = _ce_hess_z(y[active], za, beta)
+        dz = -np.linalg.solve(eye[None] + Va @ Hs, r[:, :, None])[:, :, 0]
+        small = np.max(np.abs(dz), axis=1) <= tol * (1.0 + zinf)
+        status[active[small]] = _CONVERGED_STEP
+        active, za, dz = active[~small], za[~small], dz[~small]
+        if active.size == 0:
+            break
+        # step length: bracket [lo, hi] with dphi(lo) <= 0 <= dphi(hi), then bisection
+        lo = np.zeros(active.size)
+        hi = np.ones(active.size)
+        for _ in range(6):
+            grow = dphi(active, za + hi[:, None] * dz, dz) < 0
+            if not grow.any():
+                break
+            lo[grow] = hi[grow]
+            hi[grow] *= 2.0
+        for _ in range(60):
+            mid = 0.5 * (lo + hi)
+            neg = dphi(active, za + mid[:, None] * dz, dz) <= 0
+            lo = np.where(neg, mid, lo)
+            hi = np.where(neg, hi, mid)
+        t = np.where(dphi(active, za + hi[:, None] * dz, dz) <= 0, hi, lo)
+        failed = ~(t > 0)
+        status[active[failed]] = _LINE_SEARCH_FAILED
+        good = ~failed
+        active = active[good]
+        z[active] = za[good] + t[good, None] * dz[good]
+        iterations[active] += 1
+
+    grad = _ce_grad_z(y, z, beta)
+    Hs = _ce_hess_z(y, z, beta)
+    dgT = np.linalg.solve(eye[None] + Hs @ V, Hs)
+    dg = 0.5 * (dgT + np.swapaxes(dgT, 1, 2))
+    return z, -grad, dg, iterations, status
+
+
+# --------------------------------------------------------------------------------------------
+# Cross-entropy loss: Numba kernel (per-sample damped Newton, parallel over samples)
+# --------------------------------------------------------------------------------------------
+
+
+@njit(cache=True, inline="always")
+def _ce_softmax_rows(z, beta, kidx, cc, brow, S):
+    """Row softmaxes ``S[a, :] = softmax_b(beta h_ab)`` of one sample at ``z`` (stable).
+
+    Returns ``sum_a logsumexp_b(beta h_ab)``.  ``brow``: (T,) workspace, ``S``: (T, T)."""
+    T = S.shape[0]
+    lse = 0.0
+    for a in range(T):
+        mx = -np.inf
+        for b in range(T):
+            bh = beta * (cc[a, b] * z[kidx[a, b]])
+            brow[b] = bh
+            if bh > mx:
+                mx = bh
+        ssum = 0.0
+        for b in range(T):
+            e = np.exp(brow[b] - mx)
+            S[a, b] = e
+            ssum += e
+        for b in range(T):
+            S[a, b] = S[a, b] / ssum
+        lse += mx + np.log(ssum)
+    return lse
+
+
+@njit(cache=True, inline="always")
+def _ce_derivs_from_softmax(yi, beta, kidx, cc, S, grad, hess):
+    """Gradient (K,) and Hessian (K, K) of the loss in z from the row softmaxes ``S``."""
+    T = S.shape[0]
+    K = grad.shape[0]
+    for k in range(K):
+        grad[k] = 0.0
+        for m in range(K):
+            hess[k, m] = 0.0
+    b2 = beta * beta
+    for a in range(T):
+        for b in range(T):
+            kb = kidx[a, b]
+            cb = cc[a, b]
+            sb = S[a, b]
+            grad[kb] += cb * beta * (sb - yi[a, b])
+            # Hessian block beta^2 (diag(s) - s s^T); its diagonal s_b (1 - s_b) is formed as
+            # s_b * sum_{e != b} s_e (no cancellation when s_b ~ 1), which keeps the block PSD
+            # with zero row sums to relative precision even for saturated rows.
+            rest = 0.0
+            for e2 in range(T):
+                if e2 != b:
+                    rest += S[a, e2]
+                    hess[kb, kidx[a, e2]] -= b2 * (cb * cc[a, e2]) * (sb * S[a, e2])
+            hess[kb, kb] += b2 * (cb * cb) * (sb * rest)
+
+
+@njit(cache=True, inline="always")
+def _ce_line_derivs(yi, zt, dz, beta, kidx, cc, brow, S):
+    """First and second derivative of the loss at ``zt`` along ``dz`` (one sample); leaves the
+    row softmaxes at ``zt`` in ``S`` (reused by the next Newton iteration)."""
+    T = yi.shape[0]
+    _ce_softmax_rows(zt, beta, kidx, cc, brow, S)
+    d1 = 0.0
+    d2 = 0.0
+    for a in range(T):
+        m1 = 0.0
+        lin = 0.0
+        for b in range(T):
+            dh = cc[a, b] * dz[kidx[a, b]]
+            m1 += S[a, b] * dh
+            lin += yi[a, b] * dh
+        m2 = 0.0  # variance of dh under s, two-pass (no cancellation)
+        for b in range(T):
+            dev = cc[a, b] * dz[kidx[a, b]] - m1
+            m2 += S[a, b] * dev * dev
+        d1 += beta * (m1 - lin)
+        d2 += beta * beta * m2
+    return d1, d2
+
+
+@njit(cache=True)
+def _cholesky_inplace(A):
+    """Lower Cholesky factor of SPD ``A`` in place (upper part zeroed). Returns success."""
+    K = A.shape[0]
+    for j in range(K):
+        s = A[j, j]
+        for m in range(j):
+            s -= A[j, m] * A[j, m]
+        if not s > 0.0:
+            return False
+        d = np.sqrt(s)
+        A[j, j] = d
+        for i in range(j + 1, K):
+            s = A[i, j]
+            for m in range(j):
+                s -= A[i, m] * A[j, m]
+            A[i, j] = s / d
+        for i in range(j):
+            A[i, j] = 0.0
+    return True
+
+
+@njit(cache=True, inline="always")
+def _forward(L, diag, b, out):
+    """Solve ``L out = b`` (L lower triangular; only its diagonal is used if ``diag``)."""
+    K = L.shape[0]
+    for i in range(K):
+        s = b[i]
+        if not diag:
+            for m in range(i):
+                s -= L[i, m] * out[m]
+        out[i] = s / L[i, i]
+
+
+@njit(cache=True, inline="always")
+def _backward(L, diag, b, out):
+    """Solve ``L^T out = b`` (L lower triangular; only its diagonal is used if ``diag``)."""
+    K = L.shape[0]
+    for i in range(K - 1, -1, -1):
+        s = b[i]
+        if not diag:
+            for m in range(i + 1, K):
+                s -= L[m, i] * out[m]
+        out[i] = s / L[i, i]
+
+
+@njit(cache=True, inline="always")
+def _mul_L(L, diag, w, out):
+    """``out = L w``."""
+    K = L.shape[0]
+    for i in range(K):
+        if diag:
+            out[i] = L[i, i] * w[i]
+        else:
+            s = 0.0
+            for m in range(i + 1):
+                s += L[i, m] * w[m]
+            out[i] = s
+
+
+@njit(cache=True, inline="always")
+def _mul_LT(L, diag, g, out):
+    """``out = L^T g``."""
+    K = L.shape[0]
+    for i in range(K):
+        if diag:
+            out[i] = L[i, i] * g[i]
+        else:
+            s = 0.0
+            for m in range(i, K):
+                s += L[m, i] * g[m]
+            out[i] = s
+
+
+@njit(cache=True)
+def _build_newton_matrix(Li, diag, hess, HL, B):
+    """``B = L^T H L`` (symmetric PSD); ``HL`` is workspace."""
+    K = Li.shape[0]
+    if diag:
+        for i in range(K):
+            for j in range(i, K):
+                s = (Li[i, i] * Li[j, j]) * hess[i, j]
+                B[i, j] = s
+                B[j, i] = s
+    else:
+        for i in range(K):
+            for j in range(K):
+                s = 0.0
+                for m in range(j, K):  # L[m, j] = 0 for m < j
+                    s += hess[i, m] * Li[m, j]
+                HL[i, j] = s
+        for i in range(K):
+            for j in range(i, K):
+                s = 0.0
+                for m in range(i, K):
+                    s += Li[m, i] * HL[m, j]
+                B[i, j] = s
+                B[j, i] = s
+
+
+@njit(cache=True)
+def _factor_newton_matrix(B, M):
+    """Cholesky factor of ``M = I + B`` into ``M`` (lower).  Returns success.
+
+    ``M >= I`` in exact arithmetic, but when ``||B||`` reaches ~1/eps (beta^2 ||V|| ~ 1e16) the
+    rounding of ``B`` along the flat direction can make it numerically indefinite; then a shift of
+    the diagonal at the rounding level of ``B`` is added (at most 1e-12 ||B||) and the
+    factorisation retried.
+    """
+    K = B.shape[0]
+    bmax = 0.0
+    for i in range(K):
+        if abs(B[i, i]) > bmax:
+            bmax = abs(B[i, i])
+    shift = 0.0
+    for attempt in range(5):
+        for i in range(K):
+            for j in range(K):
+                M[i, j] = B[i, j]
+            M[i, i] += 1.0 + shift
+        if _cholesky_inplace(M):
+            return True
+        shift = (16.0**attempt) * 64.0 * 2.220446049250313e-16 * bmax
+    return False
+
+
+@njit(cache=True, inline="always")
+def _line_search(yi, z, dz, uw, ww, d0, beta, kidx, cc, zt, brow, S):
+    """Step length along the Newton direction ``dz`` (one sample).
+
+    ``phi(t) = l(z + t dz) + 1/2 ||u + t w||^2`` with ``u = L^{-1}(z - omega)``, ``dz = L w``
+    (``uw = u.w``, ``ww = w.w``, ``d0 = phi'(0) < 0``).  ``phi`` is convex, so the minimiser is
+    bracketed and approached by safeguarded Newton on ``phi'`` (second derivatives are cheap
+    along a line).  A step is accepted when ``|phi'(t)| <= eta |phi'(0)|`` (``eta = 0.1``) and
+    ``phi(t) < phi(0)`` is guaranteed: ``phi'(t) <= 0`` (left of the minimiser), or
+    ``phi'(t) < t ww / 2`` (``phi'' >= ww`` along the line).  The full Newton step ``t = 1`` is
+    tried first.
+    Uses only derivatives, which stay accurate at large beta where values of ``phi`` cancel.
+    Returns ``(t, fresh)``: ``t > 0`` (0.0 on failure) and whether ``S`` holds the row softmaxes
+    at ``z + t dz``.
+    """
+    K = z.shape[0]
+    eta = 0.1
+    tmax = 64.0
+    lo = 0.0
+    hi = np.inf
+    dprev = np.inf
+    t = 1.0
+    for _ls in range(50):
+        for a in range(K):
+            zt[a] = z[a] + t * dz[a]
+        dl, cl = _ce_line_derivs(yi, zt, dz, beta, kidx, cc, brow, S)
+        d = dl + uw + t * ww
+        c = cl + ww
+        if not np.isfinite(d):
+            hi = t
+            t = 0.5 * (lo + hi)
+            continue
+        if d <= 0.0:
+            if d >= eta * d0:
+                return t, True
+            lo = t
+        else:
+            # phi'' >= ww on the line, so phi(t) - phi(0) <= t d - ww t^2 / 2 < 0 here
+            if d <= eta * -d0 and d < 0.5 * t * ww:
+                return t, True
+            hi = t
+        tn = t - d / c  # Newton on phi'
+        if hi == np.inf:
+            if t >= tmax:
+                return t, True
+            tn = min(tn, 4.0 * t, tmax)
+        elif not (lo < tn < hi) or abs(d) > 0.5 * dprev:
+            tn = 0.5 * (lo + hi)  # Newton left the bracket or stalled: bisect
+        dprev = abs(d)
+        t = tn
+    return lo, False
+
+
+@njit(cache=True, inline="always")
+def _ce_sample(
+    yi, om, z, Vi, Li, diag, beta, kidx, cc, tol, max_newton,
+    grad, hess, HL, B, M, r, u, rhs, w, dz, zt, brow, S,
+):
+    """Damped Newton for one sample, in place on ``z``. Returns ``(status, iterations)``.
+
+    On return ``grad``/``hess`` hold the loss derivatives at the final ``z``.  ``S`` (T, T) holds
+    row softmaxes; when the line search ends at the accepted point they are reused.
+    """
+    K = z.shape[0]
+    vnorm = 0.0
+    om_inf = 0.0
+    for a in range(K):
+        s = 0.0
+        for b in range(K):
+            s += abs(Vi[a, b])
+        if s > vnorm:
+            vnorm = s
+        if abs(om[a]) > om_inf:
+            om_inf = abs(om[a])
+    nit = 0
+    status = _MAX_ITER
+    fresh = False
+    for it in range(max_newton + 1):
+        if not fresh:
+            _ce_softmax_rows(z, beta, kidx, cc, brow, S)
+        _ce_derivs_from_softmax(yi, beta, kidx, cc, S, grad, hess)
+        # z-unit residual r = V grad + z - omega (= V times the prox-objective gradient)
+        rinf = 0.0
+        zinf = 0.0
+        finite = True
+        for a in range(K):
+            s = z[a] - om[a]
+            for b in range(K):
+                s += Vi[a, b] * grad[b]
+            r[a] = s
+            if not np.isfinite(s):
+                finite = False
+            elif abs(s) > rinf:
+                rinf = abs(s)
+            if abs(z[a]) > zinf:
+                zinf = abs(z[a])
+        if not finite:
+            status = _NONFINITE
+            break
+        if rinf <= tol * (1.0 + om_inf + zinf + beta * vnorm):
+            status = _CONVERGED_RESIDUAL
+            break
+        if it == max_newton:
+            status = _MAX_ITER
+            break
+        # Symmetric form of (I + V H) dz = -r with V = L L^T, dz = L w:
+        #   (I + L^T H L) w = -(L^T grad + L^{-1}(z - omega))
+        for a in range(K):
+            zt[a] = z[a] - om[a]
+        _forward(Li, diag, zt, u)  # u = L^{-1}(z - omega)
+        _mul_LT(Li, diag, grad, rhs)
+        for a in range(K):
+            rhs[a] += u[a]
+        _build_newton_matrix(Li, diag, hess, HL, B)
+        if not _factor_newton_matrix(B, M):
+            status = _NONFINITE
+            break
+        _forward(M, False, rhs, zt)
+        _backward(M, False, zt, w)
+        d0 = 0.0
+        uw = 0.0
+        ww = 0.0
+        for a in range(K):
+            w[a] = -w[a]
+            d0 += rhs[a] * w[a]  # phi'(0) = -w^T M w < 0
+            uw += u[a] * w[a]
+            ww += w[a] * w[a]
+        _mul_L(Li, diag, w, dz)
+        dzinf = 0.0
+        for a in range(K):
+            if abs(dz[a]) > dzinf:
+                dzinf = abs(dz[a])
+        if dzinf <= tol * (1.0 + zinf):
+            status = _CONVERGED_STEP
+            break
+        t, fresh = _line_search(yi, z, dz, uw, ww, d0, beta, kidx, cc, zt, brow, S)
+        if not t > 0.0:
+            status = _LINE_SEARCH_FAILED
+            break
+        for a in range(K):
+            z[a] += t * dz[a]
+        nit += 1
+    return status, nit
+
+
+@njit(cache=True)
+def _ce_jacobian(Li, diag, hess, HL, B, M, X, col, tmp, dg):
+    """``dg = H (I + V H)^{-1} = L^{-T} B M^{-1} L^{-1}`` (B = L^T H L, M = I + B), symmetrised.
+
+    ``B M^{-1}`` is obtained as ``(M^{-1} B)^T`` by Cholesky solves (no cancellation for small or
+    large B).  Returns False if M is not numerically positive definite.
+    """
+    K = Li.shape[0]
+    _build_newton_matrix(Li, diag, hess, HL, B)
+    ok = _factor_newton_matrix(B, M)
+    # X[i, :] = (M^{-1} B[:, i])^T, i.e. X = (M^{-1} B)^T = B M^{-1}
+    for j in range(K):
+        for i in range(K):
+            col[i] = B[i, j]
+        _forward(M, False, col, tmp)
+        _backward(M, False, tmp, col)
+        for i in range(K):
+            X[j, i] = col[i]
+    if diag:
+        for i in range(K):
+            for j in range(K):
+                HL[i, j] = X[i, j] / (Li[i, i] * Li[j, j])
+    else:
+        # Z = L^{-T} X (columns), then dg = Z L^{-1}: row i of dg = L^{-T} (row i of Z)
+        for j in range(K):
+            for i in range(K):
+                col[i] = X[i, j]
+            _backward(Li, False, col, tmp)
+            for i in range(K):
+                B[i, j] = tmp[i]
+        for i in range(K):
+            for j in range(K):
+                col[j] = B[i, j]
+            _backward(Li, False, col, tmp)
+            for j in range(K):
+                HL[i, j] = tmp[j]
+    for i in range(K):
+        for j in range(i, K):
+            s = 0.5 * (HL[i, j] + HL[j, i])
+            dg[i, j] = s
+            dg[j, i] = s
+    return ok
+
+
+@njit(cache=True, parallel=True)
+def _ce_prox_kernel(
+    y, omega, z0, V, L, diag, beta, kidx, cc, tol, max_newton, jac_mode, nchunk,
+    p, g, dg, dgtr, iterations, status,
+):
+    """Per-sample cross-entropy prox, ``g`` and Jacobian (Numba, parallel over samples).
+
+    y (n, T, T), omega/z0 (n, K), V/L (nV, K, K) with nV in {1, n} (L = Cholesky factor of V);
+    ``diag``: every V is diagonal (then only diag(L) is used).  jac_mode: 0 = no Jacobian,
+    1 = full into dg (n, K, K), 2 = trace into dgtr (n,).  Outputs p, g (n, K), iterations,
+    status (n,).  DESIGN.md section 5.
+    """
+    n, K = omega.shape
+    T = y.shape[1]
+    nV = V.shape[0]
+    for ch in prange(nchunk):
+        start = (ch * n) // nchunk
+        stop = ((ch + 1) * n) // nchunk
+        z = np.empty(K)
+        grad = np.empty(K)
+        hess = np.empty((K, K))
+        HL = np.empty((K, K))
+        B = np.empty((K, K))
+        M = np.empty((K, K))
+        X = np.empty((K, K))
+        D = np.empty((K, K))
+        r = np.empty(K)
+        u = np.empty(K)
+        rhs = np.empty(K)
+        w = np.empty(K)
+        dz = np.empty(K)
+        zt = np.empty(K)
+        brow = np.empty(T)
+        S = np.empty((T, T))
+        for i in range(start, stop):
+            j = i if nV > 1 else 0
+            Vi = V[j]
+            Li = L[j]
+            for a in range(K):
+                z[a] = z0[i, a]
+            st, nit = _ce_sample(
+                y[i], omega[i], z, Vi, Li, diag, beta, kidx, cc, tol, max_newton,
+                grad, hess, HL, B, M, r, u, rhs, w, dz, zt, brow, S,
+            )
+            for a in range(K):
+                p[i, a] = z[a]
+                g[i, a] = -grad[a]
+            if jac_mode != 0:
+                ok = _ce_jacobian(Li, diag, hess, HL, B, M, X, rhs, u, D)
+                if not ok and st < _MAX_ITER:
+                    st = _NONFINITE
+                if jac_mode == 1:
+                    for a in range(K):
+                        for b in range(K):
+                            dg[i, a, b] = D[a, b]
+                else:
+                    s = 0.0
+                    for a in range(K):
+                        s += D[a, a]
+                    dgtr[i] = s
+            iterations[i] = nit
+            status[i] = st
+
+
+@njit(cache=True, parallel=True)
+def _ce_derivs_kernel(y, z, beta, kidx, cc, value, grad, hess):
+    """Loss, gradient and Hessian in whitened coordinates per sample (Numba twin of the NumPy
+    ``_ce_value_z``/``_ce_grad_z``/``_ce_hess_z``; used by the tests)."""
+    n, K = z.shape
+    T = y.shape[1]
+    for i in prange(n):
+        brow = np.empty(T)
+        S = np.empty((T, T))
+        lse = _ce_softmax_rows(z[i], beta, kidx, cc, brow, S)
+        lin = 0.0
+        for a in range(T):
+            for b in range(T):
+                lin += y[i, a, b] * (beta * (cc[a, b] * z[i, kidx[a, b]]))
+        value[i] = lse - lin
+        _ce_derivs_from_softmax(y[i], beta, kidx, cc, S, grad[i], hess[i])
+
+
+def _ce_derivs_numba(y, z, beta):
+    """Wrapper of :func:`_ce_derivs_kernel`: returns ``value (n,), grad (n, K), hess (n, K, K)``."""
+    n, K = z.shape
+    kidx, cc = _pair_maps(y.shape[1])
+    value = np.empty(n)
+    grad = np.empty((n, K))
+    hess = np.empty((n, K, K))
+    _ce_derivs_kernel(
+        np.ascontiguousarray(y), np.ascontiguousarray(z), float(beta), kidx, cc, value, grad, hess
+    )
+    return value, grad, hess
+
+
+def _ce_run(y, omega, V, beta, p0, tol, max_newton, jac_mode):
+    """Validated inputs -> kernel outputs ``(p, g, dg, info)``."""
+    n, K = omega.shape
+    Vs, L = _prepare_V(V, n, K)
+    z0 = omega if p0 is None else _check_z(p0, "p0", y)
+    diag = bool(np.all(Vs[:, ~np.eye(K, dtype=bool)] == 0.0))
+    kidx, cc = _pair_maps(y.shape[1])
+    p = np.empty((n, K))
+    g = np.empty((n, K))
+    dg = np.empty((n, K, K)) if jac_mode == 1 else np.empty((1, 1, 1))
+    dgtr = np.empty(n) if jac_mode == 2 else np.empty(1)
+    iterations = np.empty(n, dtype=np.int64)
+    status = np.empty(n, dtype=np.int64)
+    nchunk = int(min(n, 8 * numba.get_num_threads()))
+    _ce_prox_kernel(
+        y, omega, z0, Vs, L, diag, float(beta), kidx, cc, float(tol), int(max_newton),
+        int(jac_mode), nchunk, p, g, dg, dgtr, iterations, status,
+    )
+    converged = status <= _CONVERGED_STEP
+    info = {
+        "n_iter": int(iterations.max()),
+        "n_failed": int(np.count_nonzero(~converged)),
+        "converged": converged,
+    }
+    if jac_mode == 2:
+        dg = dgtr
+    return p, g, dg, info
+
+
+def cross_entropy_prox(
+    y, omega, V, beta, p0=None, tol: float = _DEFAULT_TOL, max_newton: int = _DEFAULT_MAX_NEWTON
+):
+    """Prox of the cross-entropy loss (DESIGN.md section 5, "Prox details").
+
+    ``p = argmin_z l_y(z) + 1/2 (z - omega)^T V^{-1} (z - omega)`` per sample, by damped Newton
+    started at ``p0`` (default ``omega``).  The Newton system is the symmetric, well-conditioned
+    form of ``(I + V H) dz = -(V grad_l + z - omega)`` obtained with the Cholesky factor
+    ``V = L L^T``: ``(I + L^T H L) w = -L^T F``, ``dz = L w`` (H u = 0 along the flat direction
+    is harmless: the matrix has eigenvalues >= 1).  Step length: a safeguarded line
+    minimisation of the objective along ``dz`` (full step first, accepted from the left with
+    ``0.1 phi'(0) <= phi'(t) <= 0``, so the objective decreases at every step).
+
+    Stopping rule (per sample): the z-unit residual ``r = V grad_l(z) + z - omega`` satisfies
+    ``||r||_inf <= tol (1 + ||omega||_inf + ||z||_inf + beta ||V||_inf)``, or the Newton step
+    satisfies ``||dz||_inf <= tol (1 + ||z||_inf)``; at most ``max_newton`` Newton steps.
+
+    Parameters
+    ----------
+    y : (n, T, T) raw targets, 2 <= T <= 8 (T = 1 is rejected: the softmax is degenerate).
+    omega : (n, K); V : positive scalar, (K, K) or (n, K, K) SPD; beta : > 0.
+    p0 : optional (n, K) warm start.
+
+    Returns
+    -------
+    p : (n, K)
+    info : dict with ``n_iter`` (max Newton steps used over samples), ``n_failed`` (samples that
+        did not converge: max iterations or line-search failure; their ``p`` is the last iterate,
+        finite) and ``converged`` (bool mask (n,)).
+    """
+    beta = check_positive(beta, "beta")
+    y = _check_targets(y, min_T=2)
+    omega = _check_z(omega, "omega", y)
+    tol = _check_tol(tol)
+    max_newton = _check_max_newton(max_newton)
+    p, _, _, info = _ce_run(y, omega, V, beta, p0, tol, max_newton, 0)
+    return p, info
+
+
+def cross_entropy_g_out(
+    y,
+    omega,
+    V,
+    beta,
+    p0=None,
+    tol: float = _DEFAULT_TOL,
+    max_newton: int = _DEFAULT_MAX_NEWTON,
+    jacobian: str = "full",
+):
+    """``g_out`` of the cross-entropy loss (DESIGN.md section 5, step 2).
+
+    Returns ``(g, dg, info)``: ``g = -grad l_y(p)`` (n, K) (equal to ``V^{-1}(p - omega)`` at the
+    prox); ``dg = -dg/domega = H (I + V H)^{-1}`` with ``H = hess l_y(p)``, symmetrised, shape
+    (n, K, K) for ``jacobian="full"`` or its trace (n,) for ``jacobian="trace"`` (saves memory for
+    large Monte Carlo batches).  ``info`` as in :func:`cross_entropy_prox` plus ``info["p"]``.
+    """
+    beta = check_positive(beta, "beta")
+    y = _check_targets(y, min_T=2)
+    omega = _check_z(omega, "omega", y)
+    tol = _check_tol(tol)
+    max_newton = _check_max_newton(max_newton)
+    jac_mode = 1 if _check_jacobian(jacobian) == "full" else 2
+    p, g, dg, info = _ce_run(y, omega, V, beta, p0, tol, max_newton, jac_mode)
+    info["p"] = p
+    return g, dg, info
+
+
+# --------------------------------------------------------------------------------------------
+# Loss classes (common interface)
+# --------------------------------------------------------------------------------------------
+
+
+class Loss:
+    """Common interface of the per-sample losses (DESIGN.md sections 4-5).
+
+    All methods take the raw targets ``y`` of shape ``(n, T, T)`` (n >= 1) and work in float64:
+
+    * ``value(y, H) -> (n,)``, ``grad_h(y, H) -> (n, T, T)``: loss and its derivative w.r.t. the
+      entries of ``H (n, T, T)`` treated as independent (what a direct ERM solver backprojects);
+    * ``value_z(y, z) -> (n,)``, ``grad_z(y, z) -> (n, K)``, ``hess_z(y, z) -> (n, K, K)``: the
+      loss ``l_y(z) = loss(y, unwhiten(z))`` in whitened coordinates;
+    * ``prox(y, omega, V, p0=None) -> (p, info)`` and
+      ``g_out(y, omega, V, p0=None, jacobian="full") -> (g, dg, info)``, see the module docstring.
+    """
+
+    name = "loss"
+
+    def _targets(self, y):
+        return _check_targets(y)
+
+    def value(self, y, H):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def grad_h(self, y, H):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def value_z(self, y, z):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def grad_z(self, y, z):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def hess_z(self, y, z):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def prox(self, y, omega, V, p0=None):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def g_out(self, y, omega, V, p0=None, jacobian="full"):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+class SquareLoss(Loss):
+    """``1/2 ||y - h||_F^2`` over all T x T entries (DESIGN.md section 4); 1 <= T <= 8.
+
+    In whitened coordinates ``l_y(z) = ||z_y - z||^2 + 1/2 ||(y - y^T)/2||_F^2``,
+    ``z_y = whiten(y)``; ``grad_z = 2 (z - z_y)``, ``hess_z = 2 I``.
+    """
+
+    name = "square"
+
+    def __repr__(self):
+        return "SquareLoss()"
+
+    def value(self, y, H):
+        """Per-sample loss ``1/2 ||y - H||_F^2``, shape (n,)."""
+        y = self._targets(y)
+        return _square_value(y, _check_H(H, y))
+
+    def grad_h(self, y, H):
+        """``H - y``, shape (n, T, T)."""
+        y = self._targets(y)
+        return _check_H(H, y) - y
+
+    def value_z(self, y, z):
+        """``l_y(z)`` (n,) for z (n, K); equals ``value(y, unwhiten(z))``."""
+        y = self._targets(y)
+        return _square_value_z(y, _check_z(z, "z", y))
+
+    def grad_z(self, y, z):
+        """``2 (z - z_y)``, shape (n, K)."""
+        y = self._targets(y)
+        return 2.0 * (_check_z(z, "z", y) - whiten(y))
+
+    def hess_z(self, y, z):
+        """``2 I_K`` per sample, shape (n, K, K)."""
+        y = self._targets(y)
+        z = _check_z(z, "z", y)
+        out = np.zeros((z.shape[0], z.shape[1], z.shape[1]))
+        out[:, np.arange(z.shape[1]), np.arange(z.shape[1])] = 2.0
+        return out
+
+    def prox(self, y, omega, V, p0=None):
+        """Closed form, see :func:`square_prox` (``p0`` is accepted and ignored)."""
+        return square_prox(y, omega, V)
+
+    def g_out(self, y, omega, V, p0=None, jacobian="full"):
+        """See :func:`square_g_out` (``p0`` is accepted and ignored)."""
+        return square_g_out(y, omega, V, jacobian=jacobian)
+
+
+class CrossEntropyLoss(Loss):
+    """``sum_a [ -beta sum_b y_ab h_ab + logsumexp_b(beta h_ab) ]`` per sample (DESIGN.md 4).
+
+    ``beta > 0``; 2 <= T <= 8 (T = 1 is rejected by every method).  ``tol`` and ``max_newton``
+    configure the Newton prox (see :func:`cross_entropy_prox`).
+    """
+
+    name = "cross_entropy"
+
+    def __init__(self, beta: float = 1.0, tol: float = _DEFAULT_TOL, max_newton: int = _DEFAULT_MAX_NEWTON):
+        self.beta = check_positive(beta, "beta")
+        self.tol = _check_tol(tol)
+        self.max_newton = _check_max_newton(max_newton)
+
+    def __repr__(self):
+        return f"CrossEntropyLoss(beta={self.beta!r})"
+
+    def _targets(self, y):
+        return _check_targets(y, min_T=2)
+
+    def value(self, y, H):
+        """Per-sample loss, shape (n,) (any real H; symmetric H in GAMP/ERM)."""
+        y = self._targets(y)
+        H = _check_H(H, y)
+        return _ce_softmax_parts(y, H, self.beta)[0]
+
+    def grad_h(self, y, H):
+        """``beta (softmax(beta H_a) - y_a)`` row-wise, shape (n, T, T)."""
+        y = self._targets(y)
+        H = _check_H(H, y)
+        _, s = _ce_softmax_parts(y, H, self.beta)
+        return self.beta * (s - y)
+
+    def value_z(self, y, z):
+        """``l_y(z) = value(y, unwhiten(z))``, shape (n,)."""
+        y = self._targets(y)
+        return _ce_value_z(y, _check_z(z, "z", y), self.beta)
+
+    def grad_z(self, y, z):
+        """Gradient of ``l_y`` in whitened coordinates, shape (n, K); orthogonal to ``u`` when the
+        rows of ``y`` sum to one."""
+        y = self._targets(y)
+        return _ce_grad_z(y, _check_z(z, "z", y), self.beta)
+
+    def hess_z(self, y, z):
+        """Hessian of ``l_y`` in whitened coordinates, shape (n, K, K), PSD, ``hess u = 0``."""
+        y = self._targets(y)
+        return _ce_hess_z(y, _check_z(z, "z", y), self.beta)
+
+    def prox(self, y, omega, V, p0=None):
+        """See :func:`cross_entropy_prox`."""
+        return cross_entropy_prox(
+            y, omega, V, self.beta, p0=p0, tol=self.tol, max_newton=self.max_newton
+        )
+
+    def g_out(self, y, omega, V, p0=None, jacobian="full"):
+        """See :func:`cross_entropy_g_out`."""
+        return cross_entropy_g_out(
+            y, omega, V, self.beta, p0=p0, tol=self.tol, max_newton=self.max_newton,
+            jacobian=jacobian,
+        )
+
+
+def make_loss(name: str, beta: float = 1.0) -> Loss:
+    """``'square'`` -> :class:`SquareLoss`, ``'cross_entropy'`` -> :class:`CrossEntropyLoss(beta)`."""
+    if name == "square":
+        return SquareLoss()
+    if name == "cross_entropy":
+        return CrossEntropyLoss(beta)
+    raise ValueError(f"loss must be 'square' or 'cross_entropy', got {name!r}")

@@ -1,0 +1,584 @@
+"""Direct empirical risk minimisation: the baseline minimiser of DESIGN.md section 4.
+
+This module is written independently of the AMP code (it does not use ``channels``,
+``denoisers`` or ``amp``): the per-sample losses and their gradients w.r.t. the preactivations
+are implemented here, and only the sensing operator (section 3) is shared.  It is the reference
+the AMP fixed point is checked against (section 8.3).
+
+Problem (shapes: tokens ``X (n, T, d)``, targets ``y (n, T, T)``, ``S (d, d)`` symmetric)::
+
+    S_hat = argmin_S  sum_mu loss(y_mu, h(S; X_mu)) + reg(S),
+    h_ab(S; X_mu) = (x_a^T S x_b - delta_ab Tr S) / sqrt(d)                       (section 1)
+
+Losses (sums over all ``T x T`` entries; ``y`` may be non-symmetric):
+
+- ``'square'``: ``1/2 ||y - h||_F^2``, gradient ``h - y``;
+- ``'cross_entropy'``: ``sum_a [ -beta sum_b y_ab h_ab + logsumexp_b(beta h_ab) ]``, gradient
+  ``beta (softmax_b(beta h_a) - y_a)``; evaluated with the log-sum-exp shift, stable for any beta.
+  The targets must be row-stochastic (``y >= 0``, rows summing to 1); then the loss is flat along
+  ``h -> h + c 11^T`` and equals ``-sum_ab y_ab log softmax_b(beta h_a)_b``.
+
+Regularisers (with ``d`` the token dimension):
+
+- ``'nuclear'``: ``lam d Tr(S)`` on the PSD cone (``+inf`` outside).  Equal to weight decay
+  ``lam d ||W||_F^2`` on a factorisation ``S = W W^T`` (exact if the width ``m >= rank(S_hat)``);
+- ``'frobenius'``: ``(lam d / 2) ||S||_F^2``, S trained entry-wise.
+
+Solvers (``method``):
+
+- ``'lbfgs'`` (default).  Nuclear: L-BFGS-B on the factor ``W (d, m)`` (``m = width`` or ``d``),
+  objective ``sum loss(WW^T) + lam d ||W||_F^2``, gradient ``2 grad_S W + 2 lam d W``, started from
+  a small seeded random ``W`` or from ``S0``.  Frobenius: L-BFGS-B on the ``N = d(d+1)/2``
+  coordinates of S in an orthonormal basis of Sym_d (diagonal entries and ``sqrt(2) S_ij``, i < j),
+  so the gradient is the S-gradient expressed in the same basis and the conditioning is that of S.
+  Runs are restarted (fresh L-BFGS memory) until the KKT residual stops improving.
+- ``'prox'``: accelerated proximal gradient (FISTA with backtracking and adaptive restart) on S
+  directly.  Nuclear prox: ``U max(L - step lam d, 0) U^T`` (PSD soft threshold; with ``width=m``
+  only the m largest eigenvalues are kept, a heuristic projection); Frobenius prox:
+  ``R / (1 + step lam d)``.  An independent check of the L-BFGS solver.
+
+Optimality (``kkt_residual``): with ``G = grad_S sum loss`` the natural residual is
+``||S - Pi_PSD(S - G - lam d I)||_F`` (nuclear: zero iff ``S >= 0``, ``G + lam d I >= 0`` and
+``S (G + lam d I) = 0``) and ``||G + lam d S||_F`` (frobenius).  ``tol`` is relative to the scale
+``||G(0)||_F + lam d sqrt(d)`` (nuclear) or ``||G(0)||_F`` (frobenius) of the gradient at ``S = 0``.
+
+Uniqueness: for ``lam > 0`` the Frobenius problem is strongly convex, and the nuclear problem is
+convex with a unique minimiser in the generic case (always unique in ``h`` for the square loss).
+``lam = 0`` is allowed (unregularised / PSD-constrained fit) but is only well-posed with enough data
+(``n (K - [cross_entropy]) >= d(d+1)/2``); with one-hot targets and cross-entropy it may diverge.
+"""
+
+from __future__ import annotations
+
+import numbers
+from dataclasses import dataclass
+
+import numpy as np
+from scipy.optimize import minimize
+
+from ._validation import (
+    as_float_array,
+    check_nonnegative,
+    check_positive,
+    check_rng,
+    check_symmetric,
+    check_tokens,
+)
+from .operator import _backproject, _preactivations
+
+__all__ = ["ERMResult", "direct_erm", "erm_objective", "erm_gradient", "kkt_residual"]
+
+LOSSES = ("square", "cross_entropy")
+REGS = ("nuclear", "frobenius")
+METHODS = ("lbfgs", "prox")
+
+#: L-BFGS-B's line search needs measurable decreases of the objective, whose rounding error is
+#: ~1e-16 relative: it stalls at a relative KKT residual of ~1e-9..1e-8 (S accurate to ~1e-8
+#: relative Frobenius).  Its ``converged`` flag therefore uses ``max(tol, LBFGS_FLOOR)``.
+LBFGS_FLOOR = 1e-7
+
+
+# --------------------------------------------------------------------------------------------
+# Result
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, eq=False)
+class ERMResult:
+    """Result of :func:`direct_erm` (DESIGN.md section 4).
+
+    Attributes
+    ----------
+    S : (d, d) float64, symmetric (PSD for the nuclear regulariser): the minimiser.
+    objective : float, ``sum_mu loss + reg`` at ``S`` (as computed by :func:`erm_objective`).
+    n_iter : int, total solver iterations (over all L-BFGS restarts).
+    converged : bool.  ``'lbfgs'``: ``grad_norm <= max(tol, LBFGS_FLOOR) * grad_scale``;
+        ``'prox'``: the last gradient mapping ``||S_new - Y|| / step`` is ``<= tol * grad_scale``.
+    history : (n_iter,) float64, objective after each iteration.
+    grad_norm : float, the natural (projected / KKT) residual at ``S``, see :func:`kkt_residual`.
+    grad_scale : float, the scale ``tol`` is relative to (gradient size at ``S = 0``).
+    method : str, ``'lbfgs'`` or ``'prox'``.
+    message : str, solver message.
+    width : int or None, the rank budget used (None: d).
+    """
+
+    S: np.ndarray
+    objective: float
+    n_iter: int
+    converged: bool
+    history: np.ndarray
+    grad_norm: float
+    grad_scale: float = 1.0
+    method: str = "lbfgs"
+    message: str = ""
+    width: int | None = None
+
+    @property
+    def relative_residual(self) -> float:
+        """``grad_norm / grad_scale``."""
+        return self.grad_norm / self.grad_scale
+
+
+# --------------------------------------------------------------------------------------------
+# Losses in h (written independently of amp_attention.channels)
+# --------------------------------------------------------------------------------------------
+
+
+def _loss_and_grad_h(y: np.ndarray, H: np.ndarray, loss: str, beta: float, grad: bool = True):
+    """``(sum_mu loss(y_mu, H_mu), dloss/dH (n, T, T))`` for all samples at once."""
+    if loss == "square":
+        R = H - y
+        val = 0.5 * float(np.sum(R * R))
+        return val, (R if grad else None)
+    # cross-entropy: -sum_b y_ab log p_ab + (1 - r_a) lse_a with p = softmax(beta h_a),
+    # r_a = sum_b y_ab; identical to the DESIGN formula, with less cancellation for large beta.
+    s = beta * H
+    m = s.max(axis=-1, keepdims=True)
+    sm = s - m
+    e = np.exp(sm)
+    Z = e.sum(axis=-1, keepdims=True)
+    logZ = np.log(Z)
+    logp = sm - logZ
+    r = y.sum(axis=-1)
+    lse = (m + logZ)[..., 0]
+    val = -float(np.sum(y * logp)) + float(np.sum((1.0 - r) * lse))
+    if not grad:
+        return val, None
+    return val, beta * (e / Z - y)
+
+
+def _reg_value(S: np.ndarray, reg: str, lam: float, d: int) -> float:
+    if reg == "nuclear":
+        return lam * d * float(np.trace(S))
+    return 0.5 * lam * d * float(np.sum(S * S))
+
+
+class _Problem:
+    """Validated data plus the smooth part ``L(S) = sum_mu loss`` and its S-gradient."""
+
+    def __init__(self, X, y, loss, reg, lam, beta):
+        self.X, self.y = X, y
+        self.loss, self.reg, self.lam, self.beta = loss, reg, lam, beta
+        self.n, self.T, self.d = X.shape
+        self.n_evals = 0
+
+    def loss_value(self, S) -> float:
+        return _loss_and_grad_h(self.y, _preactivations(self.X, S), self.loss, self.beta, grad=False)[0]
+
+    def loss_grad(self, S):
+        """``(L(S), grad_S L (d, d) symmetric)``; ``d/dt L(S + tE) = Tr(E grad)`` for symmetric E."""
+        self.n_evals += 1
+        val, Gh = _loss_and_grad_h(self.y, _preactivations(self.X, S), self.loss, self.beta)
+        return val, _backproject(self.X, np.ascontiguousarray(Gh))
+
+    def objective(self, S) -> float:
+        return self.loss_value(S) + _reg_value(S, self.reg, self.lam, self.d)
+
+    def residual(self, S, G=None) -> float:
+        """Natural KKT residual (module docstring); ``G`` the loss gradient at S if known."""
+        if G is None:
+            G = self.loss_grad(S)[1]
+        if self.reg == "frobenius":
+            return float(np.linalg.norm(G + self.lam * self.d * S))
+        P = S - G
+        P[np.diag_indices(self.d)] -= self.lam * self.d
+        L, U = np.linalg.eigh(0.5 * (P + P.T))
+        proj = (U * np.maximum(L, 0.0)) @ U.T
+        return float(np.linalg.norm(S - proj))
+
+    def scale(self) -> float:
+        G0 = self.loss_grad(np.zeros((self.d, self.d)))[1]
+        s = float(np.linalg.norm(G0))
+        if self.reg == "nuclear":
+            s += self.lam * self.d * np.sqrt(self.d)
+        return max(s, 1e-300)
+
+
+# --------------------------------------------------------------------------------------------
+# Validation
+# --------------------------------------------------------------------------------------------
+
+
+def _check_choice(value, name, choices):
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+    return value
+
+
+def _validate(X, y, loss, reg, lam, beta):
+    X = check_tokens(X)
+    n, T, d = X.shape
+    y = as_float_array(y, "y", ndim=3)
+    if y.shape != (n, T, T):
+        raise ValueError(f"y must have shape (n, T, T) = {(n, T, T)} to match X, got {y.shape}")
+    y = np.ascontiguousarray(y)
+    loss = _check_choice(loss, "loss", LOSSES)
+    reg = _check_choice(reg, "reg", REGS)
+    lam = check_nonnegative(lam, "lam")
+    beta = check_positive(beta, "beta")
+    if loss == "cross_entropy":
+        if T == 1:
+            raise ValueError(
+                "loss='cross_entropy' needs T >= 2 tokens: the softmax over one token is constant "
+                "(y = 1) and the loss does not depend on S"
+            )
+        if np.any(y < -1e-12):
+            raise ValueError("y must be non-negative for loss='cross_entropy' (rows are probabilities)")
+        if np.max(np.abs(y.sum(axis=-1) - 1.0)) > 1e-8:
+            raise ValueError("y rows must sum to 1 for loss='cross_entropy' (softmax / hardmax targets)")
+    return X, y, loss, reg, lam, beta
+
+
+def _check_int(value, name, lo, hi=None):
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < lo or (
+        hi is not None and value > hi
+    ):
+        rng = f"{lo}..{hi}" if hi is not None else f">= {lo}"
+        raise ValueError(f"{name} must be an integer {rng}, got {value!r}")
+    return int(value)
+
+
+# --------------------------------------------------------------------------------------------
+# Public helpers
+# --------------------------------------------------------------------------------------------
+
+
+def erm_objective(X, y, S, loss="cross_entropy", reg="nuclear", lam=0.01, beta=1.0) -> float:
+    """``sum_mu loss(y_mu, h(S; X_mu)) + reg(S)`` (DESIGN.md section 4).
+
+    Parameters
+    ----------
+    X : (n, T, d) tokens.   y : (n, T, T) targets.   S : (d, d) symmetric.
+    loss : ``'square'`` or ``'cross_entropy'``.   reg : ``'nuclear'`` or ``'frobenius'``.
+    lam : float >= 0.   beta : float > 0 (cross-entropy inverse temperature).
+
+    For ``reg='nuclear'`` the value is ``+inf`` if S is not PSD (smallest eigenvalue below
+    ``-1e-10`` times the largest absolute one).
+    """
+    X, y, loss, reg, lam, beta = _validate(X, y, loss, reg, lam, beta)
+    S = check_symmetric(S, "S", d=X.shape[2])
+    if reg == "nuclear":
+        ev = np.linalg.eigvalsh(S)
+        if ev[0] < -1e-10 * max(np.abs(ev).max(), 1e-300):
+            return float("inf")
+    return _Problem(X, y, loss, reg, lam, beta).objective(S)
+
+
+def erm_gradient(X, y, S, loss="cross_entropy", reg="nuclear", lam=0.01, beta=1.0) -> np.ndarray:
+    """Gradient of :func:`erm_objective` w.r.t. symmetric S, shape ``(d, d)``.
+
+    ``grad_S L + lam d I`` (nuclear, the gradient of ``lam d Tr S`` ignoring the PSD constraint) or
+    ``grad_S L + lam d S`` (frobenius), with ``d/dt F(S + tE) = Tr(E grad)`` for symmetric E.
+    """
+    X, y, loss, reg, lam, beta = _validate(X, y, loss, reg, lam, beta)
+    d = X.shape[2]
+    S = check_symmetric(S, "S", d=d)
+    G = _Problem(X, y, loss, reg, lam, beta).loss_grad(S)[1]
+    if reg == "nuclear":
+        G[np.diag_indices(d)] += lam * d
+    else:
+        G += lam * d * S
+    return G
+
+
+def kkt_residual(X, y, S, loss="cross_entropy", reg="nuclear", lam=0.01, beta=1.0) -> float:
+    """Natural optimality residual at S (zero iff S is the minimiser), Frobenius norm.
+
+    Nuclear: ``||S - Pi_PSD(S - grad_S L - lam d I)||_F``; frobenius: ``||grad_S L + lam d S||_F``.
+    One loss gradient and (nuclear) one ``eigh(d)``.
+    """
+    X, y, loss, reg, lam, beta = _validate(X, y, loss, reg, lam, beta)
+    S = check_symmetric(S, "S", d=X.shape[2])
+    return _Problem(X, y, loss, reg, lam, beta).residual(S)
+
+
+# --------------------------------------------------------------------------------------------
+# Orthonormal coordinates of Sym_d (frobenius L-BFGS)
+# --------------------------------------------------------------------------------------------
+
+
+def _sym_coords(d):
+    iu, ju = np.triu_indices(d)
+    w = np.where(iu == ju, 1.0, np.sqrt(2.0))
+    return iu, ju, w
+
+
+def _vec_to_sym(v, d, coords):
+    iu, ju, w = coords
+    S = np.zeros((d, d))
+    S[iu, ju] = v / w
+    S[ju, iu] = v / w
+    return S
+
+
+def _sym_to_vec(S, coords):
+    """Coordinates ``<E_k, S>``: ``S_ii`` and ``sqrt(2) S_ij``; also maps a gradient to its coordinates."""
+    iu, ju, w = coords
+    return S[iu, ju] * w
+
+
+# --------------------------------------------------------------------------------------------
+# Smooth objectives for L-BFGS
+# --------------------------------------------------------------------------------------------
+
+
+def _factorised_fun(problem: _Problem, m: int, record: dict):
+    """``w (d*m,) -> (f, grad)`` for ``f(W) = L(W W^T) + lam d ||W||_F^2``."""
+    d, lam = problem.d, problem.lam
+
+    def fun(w):
+        W = w.reshape(d, m)
+        S = W @ W.T
+        L, G = problem.loss_grad(S)
+        f = L + lam * d * float(np.sum(W * W))
+        g = 2.0 * (G @ W) + (2.0 * lam * d) * W
+        record["f"], record["G"], record["S"] = f, G, S
+        return f, g.ravel()
+
+    return fun
+
+
+def _frobenius_fun(problem: _Problem, coords, record: dict):
+    """``v (N,) -> (f, grad)`` for ``f = L(S(v)) + (lam d / 2) ||v||^2`` (orthonormal coordinates)."""
+    d, lam = problem.d, problem.lam
+
+    def fun(v):
+        S = _vec_to_sym(v, d, coords)
+        L, G = problem.loss_grad(S)
+        f = L + 0.5 * lam * d * float(v @ v)
+        g = _sym_to_vec(G, coords) + lam * d * v
+        record["f"], record["G"], record["S"] = f, G, S
+        return f, g
+
+    return fun
+
+
+def _run_lbfgs(fun, x0, problem, scale, tol, max_iter, record):
+    """L-BFGS-B with restarts (fresh memory) while the KKT residual keeps improving."""
+    history: list[float] = []
+    n_iter = 0
+    x = x0
+    best = None
+    message = ""
+
+    def callback(xk):
+        # L-BFGS-B calls back after accepting xk, whose value was the last one evaluated
+        # (portable to scipy < 1.11, which has no ``intermediate_result``)
+        history.append(float(record["f"]))
+
+    # L-BFGS-B's pgtol is an absolute sup-norm bound on the gradient in the optimised variables.
+    for _restart in range(20):
+        remaining = max_iter - n_iter
+        if remaining <= 0:
+            break
+        _, g0 = fun(x)
+        gscale = max(float(np.max(np.abs(g0))), 1e-300)
+        res = minimize(
+            fun,
+            x,
+            jac=True,
+            method="L-BFGS-B",
+            callback=callback,
+            options={
+                "maxiter": remaining,
+                "maxfun": 4 * remaining + 50,
+                "ftol": 1e-16,
+                "gtol": tol * min(gscale, scale) * 1e-2,
+                "maxcor": 30,
+                "maxls": 60,
+            },
+        )
+        n_iter += int(res.nit)
+        x = res.x
+        fun(x)  # refresh record at x
+        r = problem.residual(record["S"], record["G"])
+        message = str(res.message)
+        if best is not None and r >= 0.5 * best[1]:
+            if r < best[1]:
+                best = (x, r)
+            break
+        best = (x, r) if best is None or r < best[1] else best
+        if r <= tol * scale:
+            break
+        if res.nit == 0:
+            break
+    x, r = best
+    fun(x)
+    return x, r, n_iter, np.asarray(history, dtype=np.float64), message
+
+
+# --------------------------------------------------------------------------------------------
+# FISTA on S
+# --------------------------------------------------------------------------------------------
+
+
+def _prox(R, step, problem: _Problem, width):
+    d, lam = problem.d, problem.lam
+    if problem.reg == "frobenius":
+        return R / (1.0 + step * lam * d)
+    L, U = np.linalg.eigh(0.5 * (R + R.T))
+    Lt = np.maximum(L - step * lam * d, 0.0)
+    if width is not None and width < d:
+        Lt[: d - width] = 0.0  # eigh is ascending: keep the `width` largest
+    keep = Lt > 0.0
+    Uk = U[:, keep]
+    S = (Uk * Lt[keep]) @ Uk.T
+    return 0.5 * (S + S.T)
+
+
+def _run_fista(problem: _Problem, S0, width, scale, tol, max_iter):
+    d = problem.d
+    reg_value = lambda S: _reg_value(S, problem.reg, problem.lam, d)  # noqa: E731
+    S = _prox(S0, 0.0, problem, width) if problem.reg == "nuclear" else S0.copy()
+    # initial step from a secant estimate of the Lipschitz constant of grad L
+    L_S, G_S = problem.loss_grad(S)
+    E = G_S / max(np.linalg.norm(G_S), 1e-300) * 1e-3 * max(1.0, np.linalg.norm(S))
+    if not np.any(E):
+        E = np.eye(d) * 1e-3
+    G_E = problem.loss_grad(S + E)[1]
+    lip = np.linalg.norm(G_E - G_S) / np.linalg.norm(E)
+    step = 1.0 / max(lip, 1e-12)
+
+    Y, L_Y, G_Y = S, L_S, G_S
+    t = 1.0
+    history = []
+    converged = False
+    message = "maximum number of iterations reached"
+    k = 0
+    grow = True
+    for k in range(1, max_iter + 1):
+        if grow:
+            step /= 0.9  # mild increase; backtracking brings it back
+        while True:
+            S_new = _prox(Y - step * G_Y, step, problem, width)
+            D = S_new - Y
+            L_new = problem.loss_value(S_new)
+            quad = float(np.sum(D * D)) / (2.0 * step)
+            q = L_Y + float(np.sum(G_Y * D)) + quad
+            if L_new <= q + 1e-13 * abs(L_Y) or step < 1e-20:
+                break
+            step *= 0.5
+        # The sufficient-decrease test is only informative while the quadratic term is well above
+        # the rounding of L; below that it passes for any step, so the step must stop growing
+        # (otherwise it grows geometrically and the iterates oscillate at a ~1e-7 floor).
+        grow = quad > 1e-10 * abs(L_Y)
+        F_new = L_new + reg_value(S_new)
+        gmap = float(np.linalg.norm(D)) / step
+        dS = S_new - S
+        # adaptive restart, gradient-direction test (robust to rounding in F near the optimum)
+        if float(np.sum((Y - S_new) * dS)) > 0.0:
+            t_next = 1.0
+            Y = S_new
+        else:
+            t_next = 0.5 * (1.0 + np.sqrt(1.0 + 4.0 * t * t))
+            Y = S_new + ((t - 1.0) / t_next) * dS
+        t = t_next
+        S = S_new
+        history.append(F_new)
+        if gmap <= tol * scale:
+            converged = True
+            message = "gradient mapping below tol"
+            break
+        L_Y, G_Y = problem.loss_grad(Y)
+    return S, k, np.asarray(history, dtype=np.float64), converged, message
+
+
+# --------------------------------------------------------------------------------------------
+# Driver
+# --------------------------------------------------------------------------------------------
+
+
+def direct_erm(
+    X,
+    y,
+    loss: str = "cross_entropy",
+    reg: str = "nuclear",
+    lam: float = 0.01,
+    beta: float = 1.0,
+    width: int | None = None,
+    S0=None,
+    method: str = "lbfgs",
+    tol: float = 1e-10,
+    max_iter: int | None = None,
+    random_state=None,
+) -> ERMResult:
+    """Minimise ``sum_mu loss(y_mu, h(S; X_mu)) + reg(S)`` directly (DESIGN.md section 4).
+
+    Parameters
+    ----------
+    X : (n, T, d) tokens.   y : (n, T, T) targets (row-stochastic for cross-entropy).
+    loss : ``'square'`` (``1/2||y - h||_F^2``) or ``'cross_entropy'`` (needs T >= 2).
+    reg : ``'nuclear'`` (``lam d Tr S``, S PSD) or ``'frobenius'`` (``lam d/2 ||S||_F^2``).
+    lam : float >= 0.   beta : float > 0, the cross-entropy inverse temperature.
+    width : int in 1..d or None (nuclear only): rank budget ``m`` of ``S = W W^T`` (default d,
+        exact).  With ``method='prox'`` only the m largest eigenvalues are kept after each prox.
+    S0 : (d, d) symmetric initial point or None.  ``'lbfgs'`` nuclear: ``W0`` = top-m square-root
+        factor of its PSD part plus a tiny seeded perturbation (zero columns of W are stationary);
+        None: small seeded random ``W0`` (``Tr(S0)/d ~ 1e-2``).  Otherwise None means ``S = 0``.
+    method : ``'lbfgs'`` (factorised W for nuclear, S in orthonormal coordinates for frobenius)
+        or ``'prox'`` (FISTA with backtracking and restart on S).
+    tol : float > 0, target for the natural KKT residual relative to the gradient scale at S = 0
+        (module docstring).  The default 1e-10 gives S to ~1e-8 relative Frobenius or better.
+    max_iter : int >= 1 or None (default 20000 for 'lbfgs', 50000 for 'prox').
+    random_state : None, int or numpy Generator (seeds the random initial factor).
+
+    Returns
+    -------
+    ERMResult with ``S``, ``objective``, ``n_iter``, ``converged``, ``history``, ``grad_norm``.
+    """
+    X, y, loss, reg, lam, beta = _validate(X, y, loss, reg, lam, beta)
+    n, T, d = X.shape
+    method = _check_choice(method, "method", METHODS)
+    tol = check_positive(tol, "tol")
+    if max_iter is None:
+        max_iter = 20000 if method == "lbfgs" else 50000
+    max_iter = _check_int(max_iter, "max_iter", 1)
+    if width is not None:
+        if reg != "nuclear":
+            raise ValueError("width is only meaningful with reg='nuclear' (S = W W^T)")
+        width = _check_int(width, "width", 1, d)
+    if S0 is not None:
+        S0 = check_symmetric(S0, "S0", d=d)
+        S0 = 0.5 * (S0 + S0.T)
+    rng = check_rng(random_state)
+
+    problem = _Problem(X, y, loss, reg, lam, beta)
+    scale = problem.scale()
+
+    if method == "prox":
+        start = np.zeros((d, d)) if S0 is None else S0
+        S, n_iter, history, converged, message = _run_fista(problem, start, width, scale, tol, max_iter)
+        r = problem.residual(S)
+    else:
+        record: dict = {}
+        if reg == "nuclear":
+            m = d if width is None else width
+            if S0 is None:
+                W0 = rng.standard_normal((d, m)) * np.sqrt(1e-2 / d)
+            else:
+                L, U = np.linalg.eigh(S0)
+                Lm, Um = L[::-1][:m], U[:, ::-1][:, :m]
+                W0 = Um * np.sqrt(np.maximum(Lm, 0.0))
+                W0 = W0 + rng.standard_normal((d, m)) * 1e-4 * max(np.sqrt(np.mean(W0 * W0)), 1e-2 / np.sqrt(d))
+            fun = _factorised_fun(problem, m, record)
+            x0 = W0.ravel()
+        else:
+            coords = _sym_coords(d)
+            fun = _frobenius_fun(problem, coords, record)
+            x0 = np.zeros(d * (d + 1) // 2) if S0 is None else _sym_to_vec(S0, coords)
+        x, r, n_iter, history, message = _run_lbfgs(fun, x0, problem, scale, tol, max_iter, record)
+        S = record["S"]
+        converged = bool(r <= max(tol, LBFGS_FLOOR) * scale)
+    S = 0.5 * (S + S.T)
+    return ERMResult(
+        S=S,
+        objective=problem.objective(S),
+        n_iter=int(n_iter),
+        converged=bool(converged),
+        history=history,
+        grad_norm=float(r),
+        grad_scale=float(scale),
+        method=method,
+        message=message,
+        width=width,
+    )

@@ -1,0 +1,129 @@
+"""The GAMP loop and the ERMAttention estimator: API, options, flags (DESIGN.md sections 5, 9)."""
+
+import numpy as np
+import pytest
+
+import amp_attention as aa
+from amp_attention.amp import gamp, make_denoiser
+from amp_attention.channels import SquareLoss
+from amp_attention.erm import erm_objective
+
+
+@pytest.fixture(scope="module")
+def instance():
+    rng = np.random.default_rng(5)
+    d, T = 30, 2
+    teacher = aa.Teacher.wishart(d, 0.5, rng)
+    data = aa.sample_data(int(0.5 * d * d), T, teacher, aa.SoftmaxChannel(1.0), rng)
+    return teacher, data
+
+
+def test_tol_zero_runs_exactly_max_iter(instance):
+    teacher, data = instance
+    est = aa.ERMAttention(max_iter=7, tol=0).fit(data.X, data.y, S_star=teacher.S)
+    assert est.n_iter_ == 7 and not est.converged_
+    for key in ("m", "q", "mse", "V", "A_hat", "objective", "train_loss", "step", "time"):
+        assert est.history_[key].shape == (7,), key
+    # recorded order parameters are those of the iterate
+    S = est.S_
+    assert np.isclose(est.history_["q"][-1], np.sum(S * S) / 30)
+    assert np.isclose(est.history_["m"][-1], np.sum(S * teacher.S) / 30)
+    assert np.isclose(est.history_["mse"][-1], np.sum((S - teacher.S) ** 2) / 30)
+    assert np.isclose(est.history_["objective"][-1],
+                      erm_objective(data.X, data.y, S, "cross_entropy", "nuclear", 0.01, 1.0))
+
+
+def test_scalar_variance_with_damping_reaches_the_same_fixed_point(instance):
+    _, data = instance
+    a = aa.ERMAttention(lam=0.1, tol=1e-11, max_iter=1000).fit(data.X, data.y)
+    b = aa.ERMAttention(lam=0.1, tol=1e-11, max_iter=3000, variance="scalar", damping=0.5).fit(data.X, data.y)
+    assert a.converged_ and b.converged_
+    assert np.linalg.norm(a.S_ - b.S_) / np.linalg.norm(a.S_) < 1e-7
+
+
+def test_objective_decreases_to_its_final_value(instance):
+    _, data = instance
+    est = aa.ERMAttention(loss="square", reg="frobenius", lam=0.1, tol=1e-10, max_iter=500).fit(data.X, data.y)
+    obj = est.history_["objective"]
+    assert obj[-1] <= obj[0]
+    assert np.all(obj[len(obj) // 2:] >= obj[-1] - 1e-8 * abs(obj[-1]))
+
+
+class _NaNAfter(SquareLoss):
+    """A square loss whose g_out turns NaN at a given call: the loop must stop and flag it."""
+
+    def __init__(self, at):
+        super().__init__()
+        self.calls, self.at = 0, at
+
+    def g_out(self, y, omega, V, **kw):
+        g, dg, info = super().g_out(y, omega, V, **kw)
+        self.calls += 1
+        if self.calls > self.at:
+            g = g * np.nan
+        return g, dg, info
+
+
+def test_non_finite_iterate_stops_and_flags(instance):
+    _, data = instance
+    res = gamp(data.X, data.y, _NaNAfter(3), make_denoiser("frobenius", 0.1), max_iter=20, tol=0)
+    assert res.diverged and not res.converged
+    assert res.n_iter == 3
+    assert np.all(np.isfinite(res.S))
+    assert "non-finite" in res.message
+
+
+def test_predict_score_and_decision_function(instance):
+    teacher, data = instance
+    est = aa.ERMAttention(lam=0.05, tol=1e-9).fit(data.X, data.y)
+    X = data.X[:10]
+    h = est.decision_function(X)
+    np.testing.assert_allclose(h, aa.preactivations(X, est.S_), atol=1e-12)
+    yhat = est.predict(X)
+    np.testing.assert_allclose(yhat.sum(axis=-1), 1.0)
+    assert np.isclose(est.score(X, data.y[:10]), -np.mean(np.sum((data.y[:10] - yhat) ** 2, axis=(1, 2))))
+    sq = aa.ERMAttention(loss="square", lam=0.05, tol=1e-9).fit(data.X, data.y)
+    np.testing.assert_allclose(sq.predict(X), aa.preactivations(X, sq.S_), atol=1e-12)
+
+
+def test_validation_errors(instance):
+    _, data = instance
+    X, y = data.X, data.y
+    with pytest.raises(ValueError, match="loss"):
+        aa.ERMAttention(loss="hinge").fit(X, y)
+    with pytest.raises(ValueError, match="reg"):
+        aa.ERMAttention(reg="l1").fit(X, y)
+    with pytest.raises(ValueError, match="lam"):
+        aa.ERMAttention(lam=-1).fit(X, y)
+    with pytest.raises(ValueError, match="beta"):
+        aa.ERMAttention(beta=0).fit(X, y)
+    with pytest.raises(ValueError, match="variance"):
+        aa.ERMAttention(variance="diag").fit(X, y)
+    with pytest.raises(ValueError, match="damping"):
+        aa.ERMAttention(damping=1.0).fit(X, y)
+    with pytest.raises(ValueError, match="max_iter"):
+        aa.ERMAttention(max_iter=0).fit(X, y)
+    with pytest.raises(ValueError, match="y must"):
+        aa.ERMAttention().fit(X, y[:, :1])
+    with pytest.raises(ValueError, match="y"):
+        aa.ERMAttention().fit(X, np.full_like(y, np.nan))
+    with pytest.raises(ValueError, match="T >= 2"):
+        aa.ERMAttention().fit(X[:, :1], y[:, :1, :1])
+    with pytest.raises(ValueError, match="S_star"):
+        aa.ERMAttention().fit(X, y, S_star=np.eye(3))
+    with pytest.raises(ValueError, match="not fitted"):
+        aa.ERMAttention().predict(X)
+    with pytest.raises(ValueError, match="width"):
+        aa.ERMAttention(reg="frobenius", width=3).fit(X, y)
+    est = aa.ERMAttention(max_iter=2, tol=0).fit(X, y)
+    with pytest.raises(ValueError, match="token dimension"):
+        est.predict(X[:, :, :5])
+
+
+def test_get_set_params_roundtrip():
+    est = aa.ERMAttention(lam=0.3)
+    assert est.get_params()["lam"] == 0.3
+    est.set_params(lam=0.1, reg="frobenius")
+    assert est.lam == 0.1 and est.reg == "frobenius"
+    with pytest.raises(ValueError, match="unknown"):
+        est.set_params(alpha=1)

