@@ -122,6 +122,7 @@ def gamp(
     S = np.zeros((d, d))
     V = float(V0)
     g_prev = np.zeros((n, K))
+    p_prev = None
     hist = {k: [] for k in HISTORY_KEYS}
     converged = diverged = False
     message = f"reached max_iter={max_iter}"
@@ -144,7 +145,8 @@ def gamp(
         t0 = time.perf_counter()
         Vmu = V * Gamma
         omega = z - np.einsum("nkl,nl->nk", Vmu, g_prev)                       # step 1
-        g, dg, info = loss.g_out(y, omega, np.ascontiguousarray(Vmu))         # step 2
+        g, dg, info = loss.g_out(y, omega, np.ascontiguousarray(Vmu), p0=p_prev)  # step 2
+        p_prev = info.get("p")  # warm start of the next prox (Newton for cross-entropy)
         A_hat = float(np.einsum("nkl,nkl->", Gamma, dg)) / d**2              # step 3
         if not np.isfinite(A_hat) or A_hat <= 0:
             diverged, message = True, f"iteration {t}: A_hat = {A_hat} (not finite and > 0)"

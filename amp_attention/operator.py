@@ -4,15 +4,18 @@ Forward ``preactivations(X, S) -> H (n, T, T)``::
 
     H_ab = (x_a^T S x_b - delta_ab Tr S) / sqrt(d)
 
-computed as one GEMM ``Y = X.reshape(nT, d) @ S`` followed by per-sample ``T x T`` contractions
-``H_mu = X_mu Y_mu^T`` (Numba, parallel over samples).
+computed as the GEMM ``Y = X.reshape(nT, d) @ S`` followed by per-sample ``T x T`` contractions
+``H_mu = X_mu Y_mu^T`` (Numba, parallel over samples).  Both run block by block over samples
+(``CHUNK_ROWS`` token rows per block) so that ``Y`` stays in cache; the blocks' GEMMs add up to
+the one GEMM of section 3.
 
 Adjoint ``backproject(X, G) -> M (d, d)``::
 
     M = sym( sum_mu sum_ab G_mu,ab (x_a x_b^T - delta_ab I) ) / sqrt(d)
 
-computed as per-sample ``B_mu = G_mu X_mu`` (Numba) followed by one GEMM
-``X.reshape(nT, d).T @ B.reshape(nT, d)``, then symmetrised, minus the trace part.
+computed as per-sample ``B_mu = G_mu X_mu`` (Numba) followed by the GEMM
+``X.reshape(nT, d).T @ B.reshape(nT, d)`` (accumulated over the same sample blocks), then
+symmetrised, minus the trace part.
 Adjoint means ``sum(H(S) * G) == Tr(S M(G))`` for symmetric S.
 
 Whitened forms (section 5): ``forward_whitened(X, S) -> (n, K)`` is ``A(S)_{mu k} = h_ab / c_k``,
@@ -76,14 +79,16 @@ def _pair_contract_numpy(X, Y):
 def _mix_tokens(G, X):
     """``B[mu] = G[mu] @ X[mu]`` (``(T, T) @ (T, d)`` per sample)."""
     n, T, d = X.shape
-    B = np.zeros((n, T, d))
+    B = np.empty((n, T, d))
     for mu in prange(n):
         for a in range(T):
-            for b in range(T):
+            g = G[mu, a, 0]
+            for i in range(d):
+                B[mu, a, i] = g * X[mu, 0, i]
+            for b in range(1, T):
                 g = G[mu, a, b]
-                if g != 0.0:
-                    for i in range(d):
-                        B[mu, a, i] += g * X[mu, b, i]
+                for i in range(d):
+                    B[mu, a, i] += g * X[mu, b, i]
     return B
 
 
@@ -167,10 +172,23 @@ def preactivations(X, S) -> np.ndarray:
     return _preactivations(X, S)
 
 
+# Samples per block: the GEMM output of a block (CHUNK_ROWS x d) stays in cache for the Numba
+# contraction that reads it, instead of a (n T x d) intermediate going through main memory.
+CHUNK_ROWS = 8192
+
+
+def _blocks(n, T):
+    step = max(1, CHUNK_ROWS // T)
+    return [(i, min(n, i + step)) for i in range(0, n, step)]
+
+
 def _preactivations(X, S):
     n, T, d = X.shape
-    Y = (X.reshape(n * T, d) @ S).reshape(n, T, d)
-    H = _pair_contract(X, Y)
+    H = np.empty((n, T, T))
+    for lo, hi in _blocks(n, T):
+        Xb = X[lo:hi]
+        Y = (Xb.reshape((hi - lo) * T, d) @ S).reshape(hi - lo, T, d)
+        H[lo:hi] = _pair_contract(Xb, Y)
     tr = np.trace(S)
     for a in range(T):
         H[:, a, a] -= tr
@@ -202,8 +220,11 @@ def backproject(X, G) -> np.ndarray:
 
 def _backproject(X, G):
     n, T, d = X.shape
-    B = _mix_tokens(G, X)
-    M = X.reshape(n * T, d).T @ B.reshape(n * T, d)
+    M = np.zeros((d, d))
+    for lo, hi in _blocks(n, T):
+        Xb = X[lo:hi]
+        B = _mix_tokens(G[lo:hi], Xb)
+        M += Xb.reshape((hi - lo) * T, d).T @ B.reshape((hi - lo) * T, d)
     M = 0.5 * (M + M.T)
     tr = 0.0
     for a in range(T):

@@ -248,7 +248,7 @@ def _channel_beta(channel, beta):
 def state_evolution(alpha, T, teacher, channel, loss="cross_entropy", reg="nuclear", lam=0.05,
                     beta=None, *, spectrum="exact", input_side="free", n_mc=100_000, n_draws=4,
                     max_iter=200, tol=1e-8, damping=0.0, seed=0, predictions=True,
-                    callback=None) -> SEResult:
+                    callback=None, init=None) -> SEResult:
     """Run the ERM state evolution from ``m = q = 0, V = 1`` (DESIGN.md section 7).
 
     Parameters
@@ -263,6 +263,8 @@ def state_evolution(alpha, T, teacher, channel, loss="cross_entropy", reg="nucle
     tol : stop when ``max(|dm|, |dq|, |dV|) < tol * max(1, |m|, |q|, |V|)``; ``tol = 0`` runs max_iter.
     damping : ``m, q, V <- (1 - damping) new + damping old``.
     callback : optional ``callback(t, history)``; returning True stops.
+    init : optional starting ``(m, q, V)`` (default ``(0, 0, 1)``, AMP's ``S^0 = 0, V^0 = 1``); a
+        neighbouring fixed point speeds up curves in alpha.
     """
     alpha = check_positive(alpha, "alpha")
     T = check_T(T)
@@ -281,7 +283,9 @@ def state_evolution(alpha, T, teacher, channel, loss="cross_entropy", reg="nucle
     out = OutputSide(alpha, T, Q, loss_obj, channel, n_mc=n_mc, seed=seed)
     inp = InputSideMap(denoiser, law, input_side, eigenvalues=eig, n_draws=n_draws, seed=seed)
 
-    m, q, V = 0.0, 0.0, 1.0
+    m, q, V = (0.0, 0.0, 1.0) if init is None else (float(v) for v in init)
+    if not (q >= 0 and V > 0 and m * m <= q * Q * (1 + 1e-9)):
+        raise ValueError(f"init must satisfy q >= 0, V > 0, m^2 <= q Q*, got {(m, q, V)}")
     hist = {k: [] for k in SE_HISTORY_KEYS}
     converged, message, n_iter = False, f"reached max_iter={max_iter}", 0
     A_hat = a = Delta = None

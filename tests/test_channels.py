@@ -470,6 +470,15 @@ def test_large_beta_is_finite_and_converges(T, v):
     for _ in range(5):
         d = rng.standard_normal((n, K)) * 1e-4 * min(1.0, v)
         assert np.all(obj(p + d) >= f0 - 1e-9 * (1 + np.abs(f0)))
+    # the NumPy twin agrees when both solve tightly (dg is sensitive to p at the beta^2 scale)
+    m = 8
+    g, dg, info = cross_entropy_g_out(y[:m], omega[:m], v, beta, tol=1e-13)
+    p = info["p"]
+    p2, g2, dg2, _, st2 = ch._ce_prox_numpy(y[:m], omega[:m], v * np.eye(K), beta, tol=1e-13)
+    assert np.all(st2 <= 1) and info["n_failed"] == 0
+    np.testing.assert_allclose(p, p2, rtol=0, atol=1e-9 * (1 + np.abs(p2).max()))
+    np.testing.assert_allclose(g, g2, rtol=0, atol=1e-9 * beta)
+    np.testing.assert_allclose(dg, dg2, rtol=0, atol=1e-6 * (1 + np.abs(dg2).max()))
 
 
 def test_ce_all_T_run_and_se_style_batch():

@@ -1,0 +1,108 @@
+"""The amp-attention command (DESIGN.md section 9): --json prints exactly one JSON object."""
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from amp_attention.cli import main
+
+
+def _json(capsys, argv):
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    return json.loads(out)  # fails unless stdout is exactly one JSON document
+
+
+def test_run_json_has_amp_and_se_side_by_side(capsys):
+    res = _json(capsys, ["run", "--d", "40", "--alpha", "0.4", "--iters", "6", "--tol", "0", "--n-mc", "5000", "--json"])
+    assert set(res) == {"params", "amp", "se", "final"}
+    for key in ("mse", "m", "q", "train_loss"):
+        assert len(res["amp"][key]) == 6
+    for key in ("mse", "m", "q"):
+        assert len(res["se"][key]) == 6
+    assert res["amp"]["n_iter"] == 6 and res["amp"]["converged"] is False
+    assert res["amp"]["time_per_iter_s"] > 0
+    assert res["params"]["n"] == 640 and res["params"]["lam"] == 0.05
+    # AMP and its SE start from the same point and stay close even at d = 40
+    assert abs(res["amp"]["mse"][-1] - res["se"]["mse"][-1]) < 0.1
+    assert res["final"]["mse"] == res["amp"]["mse"][-1]
+    assert 0 <= res["final"]["test_error"] < 2
+
+
+def test_run_bayes_and_square_frobenius(capsys):
+    res = _json(capsys, ["run", "--d", "40", "--iters", "4", "--estimator", "bayes", "--json"])
+    assert len(res["amp"]["mse"]) == len(res["se"]["mse"]) == res["amp"]["n_iter"]
+    res = _json(capsys, ["run", "--d", "30", "--iters", "5", "--loss", "square", "--reg", "frobenius",
+                         "--channel", "linear", "--noise", "0.1", "--json"])
+    assert res["amp"]["n_iter"] == 5
+
+
+def test_run_human_table(capsys):
+    assert main(["run", "--d", "30", "--iters", "3", "--n-mc", "2000"]) == 0
+    out = capsys.readouterr().out
+    assert "mse AMP" in out and "mse SE" in out and "final mse" in out
+
+
+def test_se_json_curve_against_closed_form(capsys):
+    """Square loss + Frobenius, linear channel: the SE fixed point has a closed form we can
+    solve independently (scalar fixed point of the formulas of DESIGN.md section 7)."""
+    alphas = [0.1, 0.3]
+    res = _json(capsys, ["se", "--alpha", ",".join(map(str, alphas)), "--loss", "square", "--reg", "frobenius",
+                         "--channel", "linear", "--noise", "0.2", "--lam", "0.1", "--rho", "0.5", "--tol", "1e-12",
+                         "--iters", "5000", "--json"])
+    assert res["alpha"] == alphas
+    assert set(res) >= {"alpha", "mse", "m", "q", "test_error", "train_loss"}
+    K, Q, s2, lam = 3, 1.5, 0.2, 0.1
+    for i, alpha in enumerate(alphas):
+        m = q = 0.0
+        V = 1.0
+        for _ in range(20000):
+            A = m_hat = 2 * alpha * K / (1 + 2 * V)
+            q_hat = 4 * alpha * K * (Q - 2 * m + q + s2) / (1 + 2 * V) ** 2
+            a, Delta = m_hat / A, q_hat / (2 * A * A)
+            c = A / (A + lam)
+            m, q, V = c * a * Q, c * c * (a * a * Q + Delta), c / (2 * A)
+        assert abs(res["mse"][i] - (Q - 2 * m + q)) < 1e-8
+        # linear channel: test error is E||h* - h_hat||_F^2 = 2 K mse (Monte Carlo)
+        assert abs(res["test_error"][i] - 2 * K * (Q - 2 * m + q)) < 0.02 * 2 * K * (Q - 2 * m + q)
+
+
+def test_se_bayes_json(capsys):
+    res = _json(capsys, ["se", "--alpha", "0.05,0.3", "--estimator", "bayes", "--json"])
+    assert res["mse"][0] > res["mse"][1] >= 0
+    assert "train_loss" not in res
+
+
+def test_bench_json(capsys):
+    res = _json(capsys, ["bench", "--d", "30", "--T", "2", "--repeats", "2", "--json"])
+    row = res["rows"][0]
+    assert row["d"] == 30 and row["ratio_floor"] > 0 and row["t_floor"] > 0
+
+
+@pytest.mark.parametrize("argv,msg", [
+    (["run", "--d", "0"], "expected an integer >= 1"),
+    (["run", "--beta", "-1"], "expected a finite number > 0"),
+    (["run", "--T", "9", "--d", "10"], "T must be"),
+    (["run", "--T", "1", "--d", "10"], "T >= 2"),
+    (["se", "--alpha", "0.1,nope"], "comma-separated"),
+    (["run", "--channel", "hardmax", "--estimator", "bayes", "--d", "10", "--iters", "1"], "hardmax"),
+])
+def test_bad_input_exits_2_with_message(argv, msg, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2
+    assert msg.lower() in capsys.readouterr().err.lower()
+
+
+def test_console_script_installed():
+    """`pip install -e .` puts the console script next to the interpreter."""
+    exe = shutil.which("amp-attention", path=str(Path(sys.executable).parent)) or shutil.which("amp-attention")
+    assert exe is not None, "the amp-attention console script is not installed"
+    out = subprocess.run([exe, "se", "--alpha", "0.2", "--loss", "square", "--channel", "linear",
+                          "--json"], capture_output=True, text=True, check=True).stdout
+    assert np.isfinite(json.loads(out)["mse"][0])
