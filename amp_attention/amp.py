@@ -248,8 +248,15 @@ class ERMAttention:
             raise ValueError(f"damping must be in [0, 1), got {self.damping!r}")
         return loss, denoiser
 
-    def fit(self, X, y, S_star=None, callback=None):
-        """Run GAMP on ``X (n, T, d)``, ``y (n, T, T)``; ``S_star`` (optional) records m and mse."""
+    def fit(self, X, y, S_star=None, callback=None, channel=None):
+        """Run GAMP on ``X (n, T, d)``, ``y (n, T, T)``.
+
+        ``S_star`` (optional) records m and mse per iteration.  With ``S_star`` and the ``channel``
+        that made ``y`` (``SoftmaxChannel``/``HardmaxChannel``/``LinearChannel``), the state
+        evolution's prediction is recorded next to each iterate as ``history_['se_mse']``,
+        ``['se_m']``, ``['se_q']`` (same initialisation, free input side at ``S_star``'s exact
+        spectrum, ``alpha = n/d^2``).
+        """
         loss, denoiser = self._validate_params()
         X = check_tokens(X)
         y = _check_targets(y, X)
@@ -267,7 +274,24 @@ class ERMAttention:
         self.diverged_ = res.diverged
         self.history_ = res.history
         self.n_features_in_ = X.shape[2]
+        if channel is not None:
+            if S_star is None:
+                raise ValueError("recording the SE prediction (channel=...) needs S_star")
+            self._record_se(X, S_star, channel)
         return self
+
+    def _record_se(self, X, S_star, channel):
+        from .se import state_evolution
+        from .spectral import SpectralLaw
+
+        n, T, d = X.shape
+        law = SpectralLaw.atoms(np.linalg.eigvalsh(S_star))
+        se = state_evolution(n / d**2, T, law, channel, self.loss, self.reg, self.lam, self.beta,
+                             max_iter=max(self.n_iter_, 1), tol=0.0, damping=float(self.damping),
+                             predictions=False)
+        for key in ("mse", "m", "q"):
+            self.history_[f"se_{key}"] = se.history[key][: self.n_iter_]
+        self.se_result_ = se
 
     def _check_fitted(self, X):
         if not hasattr(self, "S_"):

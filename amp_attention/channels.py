@@ -159,6 +159,14 @@ def _prepare_V(V, n: int, K: int):
     return Vs, np.ascontiguousarray(L)
 
 
+def _is_zero_variance(V) -> bool:
+    """True for ``V = 0`` given as a scalar or an all-zero array (the ``V -> 0`` limit of ``g_out``)."""
+    if isinstance(V, (numbers.Real, np.floating)) and not isinstance(V, bool):
+        return float(V) == 0.0
+    arr = np.asarray(V)
+    return arr.size > 0 and arr.dtype.kind == "f" and not np.any(arr)
+
+
 def _check_jacobian(jacobian) -> str:
     if jacobian not in ("full", "trace"):
         raise ValueError(f"jacobian must be 'full' or 'trace', got {jacobian!r}")
@@ -1048,6 +1056,20 @@ class Loss:
     def g_out(self, y, omega, V, p0=None, jacobian="full"):  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def _g_out_zero_variance(self, y, omega, jacobian="full"):
+        """The ``V -> 0`` limit of ``g_out``: ``p = omega``, ``g = -grad l_y(omega)``, ``dg = hess l_y(omega)``.
+
+        GAMP reaches ``V = 0`` when the denoiser maps a neighbourhood of ``R`` to a constant (e.g.
+        every eigenvalue below the nuclear threshold: ``S = 0``, divergence 0).
+        """
+        jacobian = _check_jacobian(jacobian)
+        omega = np.asarray(omega, dtype=np.float64)
+        g = -self.grad_z(y, omega)
+        H = self.hess_z(y, omega)
+        dg = np.trace(H, axis1=1, axis2=2) if jacobian == "trace" else H
+        n = omega.shape[0]
+        return g, dg, {"n_iter": 0, "n_failed": 0, "converged": np.ones(n, dtype=bool), "p": omega.copy()}
+
 
 class SquareLoss(Loss):
     """``1/2 ||y - h||_F^2`` over all T x T entries (DESIGN.md section 4); 1 <= T <= 8.
@@ -1095,6 +1117,8 @@ class SquareLoss(Loss):
 
     def g_out(self, y, omega, V, p0=None, jacobian="full"):
         """See :func:`square_g_out` (``p0`` is accepted and ignored)."""
+        if _is_zero_variance(V):
+            return self._g_out_zero_variance(y, omega, jacobian)
         return square_g_out(y, omega, V, jacobian=jacobian)
 
 
@@ -1155,6 +1179,8 @@ class CrossEntropyLoss(Loss):
 
     def g_out(self, y, omega, V, p0=None, jacobian="full"):
         """See :func:`cross_entropy_g_out`."""
+        if _is_zero_variance(V):
+            return self._g_out_zero_variance(y, omega, jacobian)
         return cross_entropy_g_out(
             y, omega, V, self.beta, p0=p0, tol=self.tol, max_newton=self.max_newton,
             jacobian=jacobian,

@@ -127,3 +127,32 @@ def test_get_set_params_roundtrip():
     assert est.lam == 0.1 and est.reg == "frobenius"
     with pytest.raises(ValueError, match="unknown"):
         est.set_params(alpha=1)
+
+
+def test_fit_records_the_se_prediction_next_to_each_iterate(instance):
+    teacher, data = instance
+    est = aa.ERMAttention(lam=0.05, max_iter=8, tol=0)
+    est.fit(data.X, data.y, S_star=teacher.S, channel=aa.SoftmaxChannel(1.0))
+    for key in ("se_mse", "se_m", "se_q"):
+        assert est.history_[key].shape == (8,)
+    # the recorded SE is the state evolution run on its own at the same parameters
+    se = aa.state_evolution(data.n / 30**2, 2, aa.SpectralLaw.atoms(teacher.eigenvalues), aa.SoftmaxChannel(1.0),
+                            "cross_entropy", "nuclear", 0.05, max_iter=8, tol=0, predictions=False)
+    np.testing.assert_allclose(est.history_["se_mse"], se.history["mse"])
+    # and it is close to the iterates already at d = 30
+    assert np.max(np.abs(est.history_["se_mse"] - est.history_["mse"])) < 0.15
+    with pytest.raises(ValueError, match="S_star"):
+        aa.ERMAttention(max_iter=2).fit(data.X, data.y, channel=aa.SoftmaxChannel(1.0))
+
+
+@pytest.mark.parametrize("loss", ["square", "cross_entropy"])
+def test_large_lam_gives_zero_estimate_without_nan(instance, loss):
+    """All eigenvalues thresholded: S = 0 and V = 0; the next iteration uses the V -> 0 limit."""
+    _, data = instance
+    est = aa.ERMAttention(loss=loss, lam=50.0, max_iter=5, tol=0).fit(data.X, data.y)
+    assert not est.diverged_ and est.n_iter_ == 5
+    assert np.all(est.S_ == 0) and est.V_ == 0
+    # KKT check independent of AMP: S = 0 is optimal iff lam d I + grad_S L(0) is PSD
+    from amp_attention.erm import erm_gradient
+    grad0 = erm_gradient(data.X, data.y, np.zeros((30, 30)), loss, "nuclear", 0.0, 1.0)
+    assert np.linalg.eigvalsh(grad0 + 50.0 * 30 * np.eye(30)).min() >= 0

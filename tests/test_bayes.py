@@ -413,3 +413,20 @@ def test_softmax_output_does_not_depend_on_beta(rng):
         g, dg, _ = BayesSoftmaxOutput(beta).g_out(row_softmax(h, beta), omega, V)
         np.testing.assert_allclose(g, ref[0], atol=1e-9)
         np.testing.assert_allclose(dg, ref[1], atol=1e-12)
+
+
+@pytest.mark.parametrize("reg", ["nuclear", "frobenius"])
+def test_bayes_se_mse_below_erm_se_for_every_lam(reg):
+    """DESIGN.md 8.5: the Bayes-optimal mse lower-bounds the ERM mse at the same alpha (SE)."""
+    from amp_attention.se import state_evolution
+
+    law = SpectralLaw.wishart(0.5)
+    T = 2
+    for channel, loss in ((aa.SoftmaxChannel(1.0), "cross_entropy"), (aa.LinearChannel(0.2), "square")):
+        for alpha in (0.15, 0.4):
+            bo = aa.bayes_state_evolution(alpha, T, law, channel)
+            assert bo.converged
+            for lam in (0.003, 0.03, 0.3, 3.0):
+                erm = state_evolution(alpha, T, law, channel, loss, reg, lam, n_mc=20_000, max_iter=300,
+                                      tol=1e-7, predictions=False)
+                assert bo.mse <= erm.mse + 1e-3, (channel, alpha, lam, bo.mse, erm.mse)

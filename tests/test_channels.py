@@ -20,6 +20,7 @@ from amp_attention.channels import (
     square_g_out,
     square_prox,
 )
+from amp_attention.model import row_softmax
 from amp_attention.whitening import flat_direction, n_pairs, unwhiten, whiten
 
 FAST = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -585,3 +586,21 @@ def test_interface_and_dtypes():
         assert set(info) >= {"n_iter", "n_failed", "converged", "p"}
         assert loss.value(y, unwhiten(om, T)).shape == (n,)
         assert loss.hess_z(y, om).shape == (n, 3, 3)
+
+
+@pytest.mark.parametrize("loss", [SquareLoss(), CrossEntropyLoss(1.3)])
+def test_zero_variance_is_the_limit_of_small_variance(loss):
+    """V = 0 (reached when the denoiser returns S = 0) is the V -> 0 limit: p = omega."""
+    rng = np.random.default_rng(4)
+    T = 3
+    K = T * (T + 1) // 2
+    h = rng.standard_normal((20, T, T))
+    y = row_softmax(h + np.swapaxes(h, 1, 2), 1.0)
+    omega = rng.standard_normal((20, K))
+    g0, dg0, info = loss.g_out(y, omega, 0.0)
+    np.testing.assert_array_equal(info["p"], omega)
+    g1, dg1, _ = loss.g_out(y, omega, 1e-9)
+    np.testing.assert_allclose(g0, g1, atol=1e-6)
+    np.testing.assert_allclose(dg0, dg1, atol=1e-6)
+    g2, dg2, _ = loss.g_out(y, omega, np.zeros((20, K, K)))
+    np.testing.assert_array_equal(g0, g2)
