@@ -79,7 +79,7 @@ _ROUNDOFF = 64.0 * np.finfo(np.float64).eps
 
 # Status codes of the cross-entropy Newton solver (per sample).
 _CONVERGED_RESIDUAL = 0  # ||V grad_l + z - omega||_inf <= tol (1 + |omega| + |z|) + floor
-_CONVERGED_STEP = 1  # Newton step ||dz||_inf <= tol (1 + ||z||_inf) + floor
+_CONVERGED_STEP = 1  # ||dz||_inf <= tol (1 + ||z||_inf) + min(floor, 1e-3/beta) (step then taken)
 _MAX_ITER = 2  # max_newton iterations without convergence
 _LINE_SEARCH_FAILED = 3  # the line search found no step with decrease
 _NONFINITE = 4  # a non-finite value appeared (should not happen for valid inputs)
@@ -387,8 +387,10 @@ def _ce_prox_numpy(y, omega, V, beta, p0=None, tol=_DEFAULT_TOL, max_newton=_DEF
             break
         Hs = _ce_hess_z(y[active], za, beta)
         dz = -np.linalg.solve(eye[None] + Va @ Hs, r[:, :, None])[:, :, 0]
-        small = np.max(np.abs(dz), axis=1) <= tol * (1.0 + zinf) + floor
-        status[active[small]] = _CONVERGED_STEP
+        small = np.max(np.abs(dz), axis=1) <= tol * (1.0 + zinf) + np.minimum(floor, 1e-3 / beta)
+        status[active[small]] = _CONVERGED_STEP  # take the tiny final step and stop
+        z[active[small]] = za[small] + dz[small]
+        iterations[active[small]] += 1
         active, za, dz = active[~small], za[~small], dz[~small]
         if active.size == 0:
             break
@@ -650,7 +652,7 @@ def _line_search(yi, z, dz, uw, ww, d0, beta, kidx, cc, zt, brow, S):
     hi = np.inf
     dprev = np.inf
     t = 1.0
-    for _ls in range(50):
+    for _ls in range(100):
         for a in range(K):
             zt[a] = z[a] + t * dz[a]
         dl, cl = _ce_line_derivs(yi, zt, dz, beta, kidx, cc, brow, S)
@@ -675,7 +677,15 @@ def _line_search(yi, z, dz, uw, ww, d0, beta, kidx, cc, zt, brow, S):
                 return t, True
             tn = min(tn, 4.0 * t, tmax)
         elif not (lo < tn < hi) or abs(d) > 0.5 * dprev:
-            tn = 0.5 * (lo + hi)  # Newton left the bracket or stalled: bisect
+            # Newton left the bracket or stalled: bisect, geometrically while the bracket spans
+            # orders of magnitude (saturated rows make the Newton step overshoot by up to
+            # ~beta ||V|| / (scale of a kink), so the minimiser can sit at t ~ 1e-10)
+            if lo == 0.0:
+                tn = hi / 16.0
+            elif hi > 16.0 * lo:
+                tn = np.sqrt(lo * hi)
+            else:
+                tn = 0.5 * (lo + hi)
         dprev = abs(d)
         t = tn
     return lo, False
@@ -703,6 +713,8 @@ def _ce_sample(
         if abs(om[a]) > om_inf:
             om_inf = abs(om[a])
     floor = _ROUNDOFF * beta * vnorm  # rounding level of V grad_l (grad_l ~ beta (s - y))
+    # a final step is only taken well inside the quadratic region (|beta dh| <~ 1e-3)
+    step_floor = min(floor, 1e-3 / beta)
     nit = 0
     status = _MAX_ITER
     fresh = False
@@ -761,7 +773,13 @@ def _ce_sample(
         for a in range(K):
             if abs(dz[a]) > dzinf:
                 dzinf = abs(dz[a])
-        if dzinf <= tol * (1.0 + zinf) + floor:
+        if dzinf <= tol * (1.0 + zinf) + step_floor:
+            # take the (tiny) final step and stop, with derivatives at the returned point
+            for a in range(K):
+                z[a] += dz[a]
+            _ce_softmax_rows(z, beta, kidx, cc, brow, S)
+            _ce_derivs_from_softmax(yi, beta, kidx, cc, S, grad, hess)
+            nit += 1
             status = _CONVERGED_STEP
             break
         t, fresh = _line_search(yi, z, dz, uw, ww, d0, beta, kidx, cc, zt, brow, S)
@@ -957,10 +975,11 @@ def cross_entropy_prox(
 
     Stopping rule (per sample): the z-unit residual ``r = V grad_l(z) + z - omega`` satisfies
     ``||r||_inf <= tol (1 + ||omega||_inf + ||z||_inf) + floor``, or the Newton step satisfies
-    ``||dz||_inf <= tol (1 + ||z||_inf) + floor``, where ``floor = 64 eps beta ||V||_inf`` is the
-    rounding level of ``V grad_l`` (negligible unless beta ||V|| is large; the step test covers
-    the stiff directions, where rounding of the softmax arguments dominates ``r``); at most
-    ``max_newton`` Newton steps.
+    ``||dz||_inf <= tol (1 + ||z||_inf) + min(floor, 1e-3 / beta)`` (that last step, well inside
+    the region where the Newton model is accurate, is taken), where
+    ``floor = 64 eps beta ||V||_inf`` is the rounding level of ``V grad_l`` (negligible unless
+    beta ||V|| is large; the step test covers the stiff directions, where rounding of the
+    softmax arguments dominates ``r``); at most ``max_newton`` Newton steps.
 
     Parameters
     ----------

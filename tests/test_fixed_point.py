@@ -8,7 +8,7 @@ Frobenius at d = 30..60 is the check.
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import Phase, given, settings
 from hypothesis import strategies as st
 
 import amp_attention as aa
@@ -33,7 +33,7 @@ def _instance(d, T, alpha, rho, beta, loss, seed):
 
 
 @pytest.mark.parametrize("loss,reg", CASES)
-@settings(max_examples=3)
+@settings(max_examples=3, phases=[Phase.explicit, Phase.reuse, Phase.generate])
 @given(
     d=st.integers(30, 60),
     T=st.sampled_from([1, 2, 3]),
@@ -49,6 +49,10 @@ def test_amp_fixed_point_is_erm_minimiser(loss, reg, d, T, alpha, rho, lam, beta
     teacher, data = _instance(d, T, alpha, rho, beta, loss, seed)
     est = aa.ERMAttention(loss=loss, reg=reg, lam=lam, beta=beta, max_iter=1000, tol=1e-11)
     est.fit(data.X, data.y)
+    if not est.converged_:
+        # Undamped GAMP can cycle at small d near n K ~ d^2/2 (e.g. d = 30, T = 1, alpha = 0.5,
+        # lam = 0.25); damping is the documented remedy and leaves the fixed point unchanged.
+        est.set_params(damping=0.5, max_iter=3000).fit(data.X, data.y)
     assert est.converged_, est.result_.message
     ref = direct_erm(data.X, data.y, loss=loss, reg=reg, lam=lam, beta=beta)
     rel = np.linalg.norm(est.S_ - ref.S) / np.linalg.norm(ref.S)
