@@ -30,6 +30,11 @@ For each sample, with ``V`` a symmetric positive definite ``K x K`` variance,
 a ``(K, K)`` matrix shared by all samples, or a ``(n, K, K)`` stack (per-sample variances
 ``V^t Gamma_mu`` of GAMP).  Shared variances are never broadcast to ``(n, K, K)`` in memory.
 
+The ``g_out`` methods of the loss classes also accept ``V = 0`` (scalar or all-zero array), the
+``V -> 0`` limit reached by GAMP when the denoiser is locally constant: ``p = omega``,
+``g = -grad l_y(omega)``, ``dg = hess l_y(omega)``.  The functions ``*_prox``/``*_g_out`` require
+``V`` positive definite.
+
 Facts worth knowing (tested in ``tests/test_channels.py``): ``g`` is orthogonal to the flat
 direction ``u`` (``u^T V^{-1}(p - omega) = 0``) and ``dg u = 0``; the u-component of ``omega`` is
 left unchanged by the prox (``u^T p = u^T omega``) only when ``u`` is an eigenvector of ``V``
@@ -160,7 +165,7 @@ def _prepare_V(V, n: int, K: int):
 
 
 def _is_zero_variance(V) -> bool:
-    """True for ``V = 0`` given as a scalar or an all-zero array (the ``V -> 0`` limit of ``g_out``)."""
+    """True for ``V = 0`` given as a scalar or an all-zero array (``V -> 0`` limit of ``g_out``)."""
     if isinstance(V, (numbers.Real, np.floating)) and not isinstance(V, bool):
         return float(V) == 0.0
     arr = np.asarray(V)
@@ -1076,7 +1081,8 @@ class Loss:
         raise NotImplementedError
 
     def _g_out_zero_variance(self, y, omega, jacobian="full"):
-        """The ``V -> 0`` limit of ``g_out``: ``p = omega``, ``g = -grad l_y(omega)``, ``dg = hess l_y(omega)``.
+        """The ``V -> 0`` limit of ``g_out``: ``p = omega``, ``g = -grad l_y(omega)``,
+        ``dg = hess l_y(omega)``.
 
         GAMP reaches ``V = 0`` when the denoiser maps a neighbourhood of ``R`` to a constant (e.g.
         every eigenvalue below the nuclear threshold: ``S = 0``, divergence 0).
@@ -1087,7 +1093,8 @@ class Loss:
         H = self.hess_z(y, omega)
         dg = np.trace(H, axis1=1, axis2=2) if jacobian == "trace" else H
         n = omega.shape[0]
-        return g, dg, {"n_iter": 0, "n_failed": 0, "converged": np.ones(n, dtype=bool), "p": omega.copy()}
+        info = {"n_iter": 0, "n_failed": 0, "converged": np.ones(n, dtype=bool), "p": omega.copy()}
+        return g, dg, info
 
 
 class SquareLoss(Loss):
@@ -1150,7 +1157,9 @@ class CrossEntropyLoss(Loss):
 
     name = "cross_entropy"
 
-    def __init__(self, beta: float = 1.0, tol: float = _DEFAULT_TOL, max_newton: int = _DEFAULT_MAX_NEWTON):
+    def __init__(
+        self, beta: float = 1.0, tol: float = _DEFAULT_TOL, max_newton: int = _DEFAULT_MAX_NEWTON
+    ):
         self.beta = check_positive(beta, "beta")
         self.tol = _check_tol(tol)
         self.max_newton = _check_max_newton(max_newton)
@@ -1207,7 +1216,7 @@ class CrossEntropyLoss(Loss):
 
 
 def make_loss(name: str, beta: float = 1.0) -> Loss:
-    """``'square'`` -> :class:`SquareLoss`, ``'cross_entropy'`` -> :class:`CrossEntropyLoss(beta)`."""
+    """``'square'`` -> :class:`SquareLoss`; ``'cross_entropy'`` -> ``CrossEntropyLoss(beta)``."""
     if name == "square":
         return SquareLoss()
     if name == "cross_entropy":

@@ -6,35 +6,33 @@ Not part of the package: this script measures proposed changes before anyone edi
 
     python benchmarks/kernel_variants.py [--quick] [--threads N] [--d 100 300] [--T 2 3]
 
-Variants
---------
+Timed variants (the package is being edited while this is written: ``pkg`` is whatever
+``amp_attention.operator`` is at run time; ``v0`` are verbatim copies of the first version)
+--------------------------------------------------------------------------------------------
 pair_contract (forward, per-sample ``H_ab = <x_a, y_b>``):
-  pkg       whatever ``amp_attention.operator._pair_contract`` is at run time (the package is
-            being edited; at the time of writing: upper triangle a <= b, mirrored);
-  full      verbatim copy of the first version: all T^2 pairs, scalar dot, strict IEEE order ->
-            one serial add chain per pair, not vectorised;
-  tri       upper triangle only (copy of the current package kernel);
-  full_fm / tri_fm   the same loops with ``fastmath={'reassoc', 'contract'}`` only: lets LLVM
-            vectorise the reduction and use FMA; NO 'nnan'/'ninf', so NaN/inf still propagate;
-  tri_acc4  upper triangle, four explicit partial sums, no fastmath at all (deterministic);
-  fused     ``tri_fm`` plus the trace subtraction and 1/sqrt(d) scaling done in the kernel
-            (removes two strided NumPy passes over H).
+  pc_v0       first version: all T^2 pairs, scalar dot in strict IEEE order -> one serial add
+              chain per pair, not vectorised;
+  pc_pkg      package kernel (at the time of writing: upper triangle a <= b, mirrored, strict);
+  pc_tri_fm   upper triangle with ``fastmath={'reassoc', 'contract'}`` ONLY: LLVM may vectorise
+              the reduction and use FMA; no 'nnan'/'ninf', so NaN/inf propagate exactly as before;
+  pc_fused    ``pc_tri_fm`` plus the trace subtraction and 1/sqrt(d) scaling inside the kernel
+              (removes the two strided NumPy passes over H).
+  (also defined and checked, not timed by default: pc_full_fm, pc_tri_acc4 - four explicit
+  partial sums without any fastmath flag.)
 mix_tokens (adjoint, per-sample ``B = G X``):
-  pkg       package kernel: ``np.zeros`` then ``+=`` per nonzero g;
-  assign    ``np.empty``; first token assigns, the others accumulate (same summation order,
-            one write pass less; no branch).
-validation (``np.all(np.isfinite(X))`` in ``as_float_array``, run twice per forward + adjoint):
-  pkg       boolean temporary of size n T d, then ``all``;
-  sum       ``np.isfinite(X.sum())`` fast path (no false negatives: any NaN/inf makes the sum
-            non-finite), exact elementwise check only when the sum is not finite.
-end to end (core functions without validation):
-  pkg       the package's ``_preactivations`` + ``_backproject``;
-  new       fused pair kernel + assign mix kernel;
-  new_buf   ``new`` writing Y and B into preallocated (n T, d) buffers (``np.matmul(..., out=)``),
-            as an operator object reused across AMP iterations would;
-  chunk     ``new`` over blocks of samples (~2 MB of tokens per block; chunk8: ~8 MB): Y and B
-            exist for one block only (cache-resident, reused, no page faults on fresh
-            n T d-sized arrays), M accumulated blockwise.  Peak extra memory O(block) not O(nTd).
+  mt_v0       first version: ``np.zeros`` then ``+=`` for each nonzero g;
+  mt_pkg      package kernel (at the time of writing: ``np.empty``, first token assigns);
+  mt_assign_buf  the same loop writing into a preallocated buffer.
+fin_pkg       ``np.all(np.isfinite(X))`` as in ``as_float_array`` (run twice per fwd + adj).
+end to end (forward + adjoint, core functions, no validation):
+  e2e_v0      first version (one GEMM each, full n T d intermediates);
+  e2e_pkg     package (at the time of writing: blocks of CHUNK_ROWS rows);
+  e2e_pkg_fm  package blocking with ``pc_fused`` in the forward;
+  e2e_new_buf one GEMM each, ``pc_fused`` + assign kernel, Y and B written into preallocated
+              (n T, d) buffers (``np.matmul(..., out=)``), as an operator object kept across AMP
+              iterations would do: no page faults on fresh n T d arrays, 4 BLAS/Numba hand-offs;
+  e2e_chunk   blocks of ~2 MB of tokens (cache-sized, d-dependent), buffers reused per block.
+``ra(...)`` = end-to-end time / ``gemm2`` (the two bare GEMMs ``X2 @ S``, ``X2.T @ B``).
 """
 
 from __future__ import annotations
@@ -134,6 +132,21 @@ def pc_fused(X, Y, tr, scale):
 
 
 @njit(parallel=True)
+def mt_v0(G, X):
+    """Verbatim copy of the first package version: ``np.zeros`` then ``+=`` per nonzero g."""
+    n, T, d = X.shape
+    B = np.zeros((n, T, d))
+    for mu in prange(n):
+        for a in range(T):
+            for b in range(T):
+                g = G[mu, a, b]
+                if g != 0.0:
+                    for i in range(d):
+                        B[mu, a, i] += g * X[mu, b, i]
+    return B
+
+
+@njit(parallel=True)
 def _mt_assign_into(G, X, B):
     n, T, d = X.shape
     for mu in prange(n):
@@ -159,6 +172,47 @@ def finite_pkg(X):
 
 def finite_sum(X):
     return bool(np.isfinite(X.sum())) or bool(np.all(np.isfinite(X)))
+
+
+def pre_v0(X, S):
+    """First package version of ``_preactivations`` (one GEMM, full T x T scalar kernel)."""
+    n, T, d = X.shape
+    Y = (X.reshape(n * T, d) @ S).reshape(n, T, d)
+    H = pc_full(X, Y)
+    tr = np.trace(S)
+    for a in range(T):
+        H[:, a, a] -= tr
+    H *= 1.0 / np.sqrt(d)
+    return H
+
+
+def back_v0(X, G):
+    """First package version of ``_backproject``."""
+    n, T, d = X.shape
+    B = mt_v0(G, X)
+    M = X.reshape(n * T, d).T @ B.reshape(n * T, d)
+    M = 0.5 * (M + M.T)
+    tr = 0.0
+    for a in range(T):
+        tr += G[:, a, a].sum()
+    M[np.diag_indices(d)] -= tr
+    M *= 1.0 / np.sqrt(d)
+    return M
+
+
+def pre_pkg_fm(X, S):
+    """The package's current blocked ``_preactivations`` (CHUNK_ROWS rows per block) with the
+    fused fastmath kernel instead of ``_pair_contract`` + NumPy glue."""
+    n, T, d = X.shape
+    tr, sc = np.trace(S), 1.0 / np.sqrt(d)
+    H = np.empty((n, T, T))
+    step = max(1, getattr(op, "CHUNK_ROWS", 8192) // T)
+    for lo in range(0, n, step):
+        hi = min(n, lo + step)
+        Xb = X[lo:hi]
+        Y = (Xb.reshape((hi - lo) * T, d) @ S).reshape(hi - lo, T, d)
+        H[lo:hi] = pc_fused(Xb, Y, tr, sc)
+    return H
 
 
 def pre_new(X, S, Ybuf=None):
@@ -255,6 +309,9 @@ def check(rng):
             upd("pre_new_buf_vs_pkg", relerr(pre_new(X, S, Yb), Hp))
             upd("back_new_buf_vs_pkg", relerr(back_new(X, G, Bb), Mp))
             upd("pre_chunk_vs_pkg", relerr(pre_chunk(X, S, chunk=4), Hp))
+            upd("pre_pkg_fm_vs_pkg", relerr(pre_pkg_fm(X, S), Hp))
+            upd("pre_v0_vs_pkg", relerr(pre_v0(X, S), Hp))
+            upd("back_v0_vs_pkg", relerr(back_v0(X, G), Mp))
             upd("back_chunk_vs_pkg", relerr(back_chunk(X, G, chunk=4), Mp))
     # NaN / inf propagation (the unvalidated internal paths used inside AMP must propagate them)
     X = rng.standard_normal((4, 3, 16))
@@ -324,36 +381,34 @@ def main(argv=None):
             fns = {
                 "gemm2": lambda: (X2 @ S, X2.T @ Bf),
                 "gemm2_out": lambda: (np.matmul(X2, S, out=Yb), X2.T @ Bf),
+                "pc_v0": lambda: pc_full(X, Y),
                 "pc_pkg": lambda: op._pair_contract(X, Y),
-                "pc_full": lambda: pc_full(X, Y),
-                "pc_full_fm": lambda: pc_full_fm(X, Y),
-                "pc_tri": lambda: pc_tri(X, Y),
                 "pc_tri_fm": lambda: pc_tri_fm(X, Y),
-                "pc_tri_acc4": lambda: pc_tri_acc4(X, Y),
                 "pc_fused": lambda: pc_fused(X, Y, tr, sc),
+                "mt_v0": lambda: mt_v0(G, X),
                 "mt_pkg": lambda: op._mix_tokens(G, X),
-                "mt_assign": lambda: mt_assign(G, X),
+                "mt_assign_buf": lambda: mt_assign(G, X, Bb.reshape(n, T, d)),
                 "fin_pkg": lambda: finite_pkg(X),
-                "fin_sum": lambda: finite_sum(X),
+                "e2e_v0": lambda: (pre_v0(X, S), back_v0(X, G)),
                 "e2e_pkg": lambda: (op._preactivations(X, S), op._backproject(X, G)),
-                "e2e_new": lambda: (pre_new(X, S), back_new(X, G)),
+                "e2e_pkg_fm": lambda: (pre_pkg_fm(X, S), op._backproject(X, G)),
                 "e2e_new_buf": lambda: (pre_new(X, S, Yb), back_new(X, G, Bb)),
                 "e2e_chunk": lambda: (pre_chunk(X, S), back_chunk(X, G)),
-                "e2e_chunk8": lambda: (pre_chunk(X, S, chunk_rows(T, d, 8 * 1024**2)), back_chunk(X, G, chunk_rows(T, d, 8 * 1024**2))),
             }
             t = C.time_interleaved(fns, repeats, clock=args.clock)
             row = dict(d=d, T=T, n=n)
             row.update({k: v["best"] for k, v in t.items()})
             row.update({f"{k}_median": v["median"] for k, v in t.items()})
-            for k in ("e2e_pkg", "e2e_new", "e2e_new_buf", "e2e_chunk", "e2e_chunk8"):
+            E2E = ("e2e_v0", "e2e_pkg", "e2e_pkg_fm", "e2e_new_buf", "e2e_chunk")
+            for k in E2E:
                 row[f"ra_{k}"] = row[k] / row["gemm2"]
             rows.append(row)
             print(f"  d={d} T={T} done", flush=True)
+    E2E = ("e2e_v0", "e2e_pkg", "e2e_pkg_fm", "e2e_new_buf", "e2e_chunk")
     cols = [("d", "d", "d"), ("T", "T", "d")] + [
-        (k, k, ".4f") for k in ("gemm2", "gemm2_out", "pc_pkg", "pc_full", "pc_full_fm", "pc_tri", "pc_tri_fm", "pc_tri_acc4",
-                                "pc_fused", "mt_pkg", "mt_assign", "fin_pkg", "fin_sum", "e2e_pkg", "e2e_new",
-                                "e2e_new_buf", "e2e_chunk", "e2e_chunk8")
-    ] + [(f"ra_{k}", f"ratio_a({k[4:]})", ".2f") for k in ("e2e_pkg", "e2e_new", "e2e_new_buf", "e2e_chunk", "e2e_chunk8")]
+        (k, k, ".4f") for k in ("gemm2", "gemm2_out", "pc_v0", "pc_pkg", "pc_tri_fm", "pc_fused", "mt_v0", "mt_pkg",
+                                "mt_assign_buf", "fin_pkg") + E2E
+    ] + [(f"ra_{k}", f"ra({k[4:]})", ".2f") for k in E2E]
     print(f"\nbest of {repeats} (seconds); ratio_a = core forward+adjoint / two GEMMs (no validation)")
     C.print_table(rows, cols)
     path = C.write_json("kernel_variants", {"quick": args.quick, "alpha": args.alpha, "errors": errs, "rows": rows}, args.out)

@@ -26,6 +26,16 @@ from amp_attention.whitening import flat_direction, n_pairs, unwhiten, whiten
 FAST = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _compile_kernels_once():
+    """JIT-compile the Numba kernels outside Hypothesis-driven tests (compilation under the test
+    machinery is several times slower; the compiled code is cached on disk afterwards)."""
+    y = np.full((2, 2, 2), 0.5)
+    z = np.zeros((2, 3))
+    cross_entropy_g_out(y, z, 1.0, 1.0)
+    ch._ce_derivs_numba(y, z, 1.0)
+
+
 # ---------------------------------------------------------------------------------------------
 # helpers
 # ---------------------------------------------------------------------------------------------
@@ -321,6 +331,29 @@ def test_jacobian_trace_mode_and_V_forms_agree():
     g5, dg5, info5 = cross_entropy_g_out(y, omega, Vd, 2.0)
     p6, g6, dg6, _, _ = ch._ce_prox_numpy(y, omega, Vd, 2.0)
     np.testing.assert_allclose(dg5, dg6, atol=1e-9)
+
+
+@pytest.mark.parametrize("loss,T", [(SquareLoss(), 1), (SquareLoss(), 3), (CrossEntropyLoss(2.0), 3)])
+def test_g_out_zero_variance_limit(loss, T):
+    """Loss.g_out accepts V = 0 (scalar / all-zero array): the V -> 0 limit of the prox."""
+    rng = np.random.default_rng(12)
+    n, K = 6, n_pairs(T)
+    y = softmax_targets(rng, n, T, 1.0)
+    omega = rng.standard_normal((n, K))
+    g_small, dg_small, _ = loss.g_out(y, omega, 1e-9)
+    for V0 in (0.0, 0, np.zeros((K, K)), np.zeros((n, K, K))):
+        g, dg, info = loss.g_out(y, omega, V0)
+        np.testing.assert_array_equal(info["p"], omega)
+        np.testing.assert_allclose(g, -loss.grad_z(y, omega), atol=1e-14)
+        np.testing.assert_allclose(dg, loss.hess_z(y, omega), atol=1e-14)
+        np.testing.assert_allclose(g, g_small, atol=1e-7)
+        np.testing.assert_allclose(dg, dg_small, atol=1e-7)
+    _, tr, _ = loss.g_out(y, omega, 0.0, jacobian="trace")
+    np.testing.assert_allclose(tr, np.trace(loss.hess_z(y, omega), axis1=1, axis2=2), atol=1e-14)
+    with pytest.raises(ValueError, match="V"):  # the functional API needs V positive definite
+        (square_g_out if isinstance(loss, SquareLoss) else lambda *a: cross_entropy_g_out(*a, 2.0))(
+            y, omega, 0.0
+        )
 
 
 def test_warm_start_gives_same_answer_in_fewer_steps():
