@@ -30,7 +30,7 @@ from .model import row_softmax
 from .operator import _adjoint_whitened, _forward_whitened, sample_gram
 from .whitening import n_pairs, unwhiten
 
-__all__ = ["AMPResult", "gamp", "ERMAttention", "make_loss", "make_denoiser"]
+__all__ = ["AMPResult", "gamp", "GAMPEstimator", "ERMAttention", "make_loss", "make_denoiser"]
 
 HISTORY_KEYS = (
     "m", "q", "mse", "V", "A_hat", "objective", "train_loss", "step", "time", "prox_iters", "prox_failed",
@@ -191,7 +191,74 @@ def _check_targets(y, X) -> np.ndarray:
     return np.ascontiguousarray(y)
 
 
-class ERMAttention:
+class GAMPEstimator:
+    """Shared scikit-learn style plumbing of :class:`ERMAttention` and ``BayesAttention``.
+
+    Subclasses set ``_param_names`` and implement ``fit`` (which calls :meth:`_store`) and
+    ``_link(h)`` (the map from preactivations to the model output).
+    """
+
+    _param_names: tuple = ()
+
+    def get_params(self, deep=True):
+        return {k: getattr(self, k) for k in self._param_names}
+
+    def set_params(self, **params):
+        for k, v in params.items():
+            if k not in self._param_names:
+                raise ValueError(f"unknown parameter {k!r}")
+            setattr(self, k, v)
+        return self
+
+    def __repr__(self):
+        args = ", ".join(f"{k}={v!r}" for k, v in self.get_params().items())
+        return f"{type(self).__name__}({args})"
+
+    def _validate_loop_params(self):
+        if self.variance not in ("sample", "scalar"):
+            raise ValueError(f"variance must be 'sample' or 'scalar', got {self.variance!r}")
+        if isinstance(self.max_iter, bool) or not isinstance(self.max_iter, (int, np.integer)) or self.max_iter < 1:
+            raise ValueError(f"max_iter must be an integer >= 1, got {self.max_iter!r}")
+        check_nonnegative(self.tol, "tol")
+        d = check_nonnegative(self.damping, "damping")
+        if d >= 1:
+            raise ValueError(f"damping must be in [0, 1), got {self.damping!r}")
+
+    def _store(self, res: AMPResult, d: int):
+        self.result_ = res
+        self.S_ = res.S
+        self.V_ = res.V
+        self.n_iter_ = res.n_iter
+        self.converged_ = res.converged
+        self.diverged_ = res.diverged
+        self.history_ = res.history
+        self.n_features_in_ = d
+
+    def _check_fitted(self, X):
+        if not hasattr(self, "S_"):
+            raise ValueError(f"this {type(self).__name__} is not fitted yet: call fit(X, y) first")
+        X = check_tokens(X)
+        if X.shape[2] != self.n_features_in_:
+            raise ValueError(f"X has token dimension {X.shape[2]}, the model was fitted with {self.n_features_in_}")
+        return X
+
+    def decision_function(self, X):
+        """Preactivations ``h(S_; X)``, shape (n, T, T)."""
+        X = self._check_fitted(X)
+        return unwhiten(_forward_whitened(X, self.S_), X.shape[1])
+
+    def predict(self, X):
+        """Model output per sample, shape (n, T, T): ``_link(h(S_; X))``."""
+        return self._link(self.decision_function(X))
+
+    def score(self, X, y):
+        """Minus the mean per-sample test error ``||y - predict(X)||_F^2`` (higher is better)."""
+        X = self._check_fitted(X)
+        y = _check_targets(y, X)
+        return -float(np.mean(np.sum((y - self.predict(X)) ** 2, axis=(1, 2))))
+
+
+class ERMAttention(GAMPEstimator):
     """ERM for a tied single-head attention layer, solved by GAMP (DESIGN.md sections 4, 5, 9).
 
     Minimises ``sum_mu loss(y_mu, h(S; X_mu)) + reg(S)`` with ``loss`` in {'square',
@@ -220,32 +287,13 @@ class ERMAttention:
         self.damping = damping
         self.random_state = random_state
 
-    def get_params(self, deep=True):
-        return {k: getattr(self, k) for k in (
-            "loss", "reg", "lam", "beta", "width", "variance", "max_iter", "tol", "damping", "random_state")}
-
-    def set_params(self, **params):
-        for k, v in params.items():
-            if k not in self.get_params():
-                raise ValueError(f"unknown parameter {k!r}")
-            setattr(self, k, v)
-        return self
-
-    def __repr__(self):
-        args = ", ".join(f"{k}={v!r}" for k, v in self.get_params().items())
-        return f"ERMAttention({args})"
+    _param_names = ("loss", "reg", "lam", "beta", "width", "variance", "max_iter", "tol", "damping",
+                    "random_state")
 
     def _validate_params(self):
         loss = make_loss(self.loss, self.beta)
         denoiser = make_denoiser(self.reg, self.lam, self.width)
-        if self.variance not in ("sample", "scalar"):
-            raise ValueError(f"variance must be 'sample' or 'scalar', got {self.variance!r}")
-        if isinstance(self.max_iter, bool) or not isinstance(self.max_iter, (int, np.integer)) or self.max_iter < 1:
-            raise ValueError(f"max_iter must be an integer >= 1, got {self.max_iter!r}")
-        check_nonnegative(self.tol, "tol")
-        d = check_nonnegative(self.damping, "damping")
-        if d >= 1:
-            raise ValueError(f"damping must be in [0, 1), got {self.damping!r}")
+        self._validate_loop_params()
         return loss, denoiser
 
     def fit(self, X, y, S_star=None, callback=None, channel=None):
@@ -266,14 +314,7 @@ class ERMAttention:
             S_star = check_symmetric(S_star, "S_star", d=X.shape[2])
         res = gamp(X, y, loss, denoiser, variance=self.variance, damping=self.damping,
                    max_iter=int(self.max_iter), tol=float(self.tol), S_star=S_star, callback=callback)
-        self.result_ = res
-        self.S_ = res.S
-        self.V_ = res.V
-        self.n_iter_ = res.n_iter
-        self.converged_ = res.converged
-        self.diverged_ = res.diverged
-        self.history_ = res.history
-        self.n_features_in_ = X.shape[2]
+        self._store(res, X.shape[2])
         if channel is not None:
             if S_star is None:
                 raise ValueError("recording the SE prediction (channel=...) needs S_star")
@@ -293,26 +334,7 @@ class ERMAttention:
             self.history_[f"se_{key}"] = se.history[key][: self.n_iter_]
         self.se_result_ = se
 
-    def _check_fitted(self, X):
-        if not hasattr(self, "S_"):
-            raise ValueError("this ERMAttention is not fitted yet: call fit(X, y) first")
-        X = check_tokens(X)
-        if X.shape[2] != self.n_features_in_:
-            raise ValueError(f"X has token dimension {X.shape[2]}, the model was fitted with {self.n_features_in_}")
-        return X
-
-    def decision_function(self, X):
-        """Preactivations ``h(S_; X)``, shape (n, T, T)."""
-        X = self._check_fitted(X)
-        return unwhiten(_forward_whitened(X, self.S_), X.shape[1])
-
-    def predict(self, X):
-        h = self.decision_function(X)
+    def _link(self, h):
         if self.loss == "cross_entropy":
             return row_softmax(h, float(self.beta))
         return h
-
-    def score(self, X, y):
-        X = self._check_fitted(X)
-        y = _check_targets(y, X)
-        return -float(np.mean(np.sum((y - self.predict(X)) ** 2, axis=(1, 2))))

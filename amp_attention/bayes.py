@@ -66,13 +66,12 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 
 from ._validation import as_float_array, check_nonnegative, check_positive, check_symmetric, check_T, check_tokens
-from .amp import gamp
+from .amp import GAMPEstimator, gamp
 from .channels import _check_targets, _check_z, _prepare_V
 from .denoisers import spectral_divergence
 from .model import HardmaxChannel, LinearChannel, SoftmaxChannel, Teacher, row_softmax
-from .operator import _forward_whitened
 from .spectral import RDensity, SpectralLaw, rie_mmse
-from .whitening import flat_direction, n_pairs, unwhiten, whiten
+from .whitening import flat_direction, n_pairs, whiten
 
 __all__ = [
     "BayesSoftmaxOutput",
@@ -407,7 +406,7 @@ class RIEDenoiser:
 _BLOWUP = 2.0  # BayesAttention stops (diverged) when V exceeds this multiple of Q*
 
 
-class BayesAttention:
+class BayesAttention(GAMPEstimator):
     """Bayes-optimal GAMP-RIE for the tied attention layer (DESIGN.md sections 6, 9).
 
     Parameters
@@ -447,31 +446,12 @@ class BayesAttention:
         self.tol = tol
         self.damping = damping
 
-    def get_params(self, deep=True):
-        return {k: getattr(self, k) for k in ("channel", "teacher_spectrum", "variance", "max_iter", "tol", "damping")}
-
-    def set_params(self, **params):
-        for k, v in params.items():
-            if k not in self.get_params():
-                raise ValueError(f"unknown parameter {k!r}")
-            setattr(self, k, v)
-        return self
-
-    def __repr__(self):
-        args = ", ".join(f"{k}={v!r}" for k, v in self.get_params().items())
-        return f"BayesAttention({args})"
+    _param_names = ("channel", "teacher_spectrum", "variance", "max_iter", "tol", "damping")
 
     def _validate_params(self):
         output = bayes_output(self.channel)
         law = _law_from(self.teacher_spectrum)
-        if self.variance not in ("sample", "scalar"):
-            raise ValueError(f"variance must be 'sample' or 'scalar', got {self.variance!r}")
-        if isinstance(self.max_iter, bool) or not isinstance(self.max_iter, (int, np.integer)) or self.max_iter < 1:
-            raise ValueError(f"max_iter must be an integer >= 1, got {self.max_iter!r}")
-        check_nonnegative(self.tol, "tol")
-        dmp = check_nonnegative(self.damping, "damping")
-        if dmp >= 1:
-            raise ValueError(f"damping must be in [0, 1), got {self.damping!r}")
+        self._validate_loop_params()
         return output, law
 
     def fit(self, X, y, S_star=None, callback=None):
@@ -504,44 +484,16 @@ class BayesAttention:
             res = replace(res, diverged=True, message=(
                 f"iteration {t}: V = {V:.3g} > {_BLOWUP:g} Q* (a Bayes variance cannot exceed the prior "
                 f"variance): BO-GAMP is unstable at this size (small n = alpha d^2); use damping ~0.5"))
-        self.result_ = res
-        self.S_ = res.S
-        self.V_ = res.V
+        self._store(res, d)
         self.message_ = res.message
-        self.n_iter_ = res.n_iter
-        self.converged_ = res.converged
-        self.diverged_ = res.diverged
-        self.history_ = res.history
         self.law_ = law
         self.output_ = output
-        self.n_features_in_ = d
         return self
 
-    def _check_fitted(self, X):
-        if not hasattr(self, "S_"):
-            raise ValueError("this BayesAttention is not fitted yet: call fit(X, y) first")
-        X = check_tokens(X)
-        if X.shape[2] != self.n_features_in_:
-            raise ValueError(f"X has token dimension {X.shape[2]}, the model was fitted with {self.n_features_in_}")
-        return X
-
-    def decision_function(self, X):
-        """Preactivations ``h(S_; X)``, shape (n, T, T)."""
-        X = self._check_fitted(X)
-        return unwhiten(_forward_whitened(X, self.S_), X.shape[1])
-
-    def predict(self, X):
-        h = self.decision_function(X)
+    def _link(self, h):
         if isinstance(self.output_, BayesSoftmaxOutput):
             return row_softmax(h, self.output_.beta)
         return h
-
-    def score(self, X, y):
-        X = self._check_fitted(X)
-        y = as_float_array(y, "y", ndim=3)
-        if y.shape != (X.shape[0], X.shape[1], X.shape[1]):
-            raise ValueError(f"y must have shape {(X.shape[0], X.shape[1], X.shape[1])}, got {y.shape}")
-        return -float(np.mean(np.sum((y - self.predict(X)) ** 2, axis=(1, 2))))
 
 
 # ---------------------------------------------------------------------------------------------
