@@ -31,7 +31,9 @@ end to end (forward + adjoint, core functions, no validation):
   e2e_new_buf one GEMM each, ``pc_fused`` + assign kernel, Y and B written into preallocated
               (n T, d) buffers (``np.matmul(..., out=)``), as an operator object kept across AMP
               iterations would do: no page faults on fresh n T d arrays, 4 BLAS/Numba hand-offs;
-  e2e_chunk   blocks of ~2 MB of tokens (cache-sized, d-dependent), buffers reused per block.
+  e2e_chunk   blocks of ~2 MB of tokens (cache-sized, d-dependent), buffers reused per block;
+  e2e_new_buf_serial  ``e2e_new_buf`` with serial (non-prange) Numba kernels: the GEMMs keep
+              all BLAS threads, and there is no hand-off between two thread pools.
 ``ra(...)`` = end-to-end time / ``gemm2`` (the two bare GEMMs ``X2 @ S``, ``X2.T @ B``).
 """
 
@@ -146,6 +148,43 @@ def mt_v0(G, X):
     return B
 
 
+def _pc_fused_body(X, Y, tr, scale):
+    n, T, d = X.shape
+    H = np.empty((n, T, T))
+    for mu in prange(n):
+        for a in range(T):
+            for b in range(a, T):
+                s = 0.0
+                for i in range(d):
+                    s += X[mu, a, i] * Y[mu, b, i]
+                if a == b:
+                    s -= tr
+                s *= scale
+                H[mu, a, b] = s
+                H[mu, b, a] = s
+    return H
+
+
+def _mt_assign_body(G, X, B):
+    n, T, d = X.shape
+    for mu in prange(n):
+        for a in range(T):
+            g = G[mu, a, 0]
+            for i in range(d):
+                B[mu, a, i] = g * X[mu, 0, i]
+            for b in range(1, T):
+                g = G[mu, a, b]
+                for i in range(d):
+                    B[mu, a, i] += g * X[mu, b, i]
+    return B
+
+
+# serial twins (prange == range without parallel=True): no hand-off between Numba's and BLAS's
+# thread pools, which matters when the cores are shared with other processes
+pc_fused_serial = njit(fastmath=FM)(_pc_fused_body)
+mt_assign_serial = njit(_mt_assign_body)
+
+
 @njit(parallel=True)
 def _mt_assign_into(G, X, B):
     n, T, d = X.shape
@@ -215,16 +254,17 @@ def pre_pkg_fm(X, S):
     return H
 
 
-def pre_new(X, S, Ybuf=None):
+def pre_new(X, S, Ybuf=None, serial=False):
     n, T, d = X.shape
     X2 = X.reshape(n * T, d)
     Y = X2 @ S if Ybuf is None else np.matmul(X2, S, out=Ybuf)
-    return pc_fused(X, Y.reshape(n, T, d), np.trace(S), 1.0 / np.sqrt(d))
+    return (pc_fused_serial if serial else pc_fused)(X, Y.reshape(n, T, d), np.trace(S), 1.0 / np.sqrt(d))
 
 
-def back_new(X, G, Bbuf=None):
+def back_new(X, G, Bbuf=None, serial=False):
     n, T, d = X.shape
-    B = mt_assign(G, X, None if Bbuf is None else Bbuf.reshape(n, T, d))
+    Bo = np.empty(X.shape) if Bbuf is None else Bbuf.reshape(n, T, d)
+    B = mt_assign_serial(G, X, Bo) if serial else mt_assign(G, X, Bo)
     M = X.reshape(n * T, d).T @ B.reshape(n * T, d)
     M = 0.5 * (M + M.T)
     tr = 0.0
@@ -309,6 +349,8 @@ def check(rng):
             upd("pre_new_buf_vs_pkg", relerr(pre_new(X, S, Yb), Hp))
             upd("back_new_buf_vs_pkg", relerr(back_new(X, G, Bb), Mp))
             upd("pre_chunk_vs_pkg", relerr(pre_chunk(X, S, chunk=4), Hp))
+            upd("pre_new_serial_vs_pkg", relerr(pre_new(X, S, Yb, serial=True), Hp))
+            upd("back_new_serial_vs_pkg", relerr(back_new(X, G, Bb, serial=True), Mp))
             upd("pre_pkg_fm_vs_pkg", relerr(pre_pkg_fm(X, S), Hp))
             upd("pre_v0_vs_pkg", relerr(pre_v0(X, S), Hp))
             upd("back_v0_vs_pkg", relerr(back_v0(X, G), Mp))
@@ -394,17 +436,18 @@ def main(argv=None):
                 "e2e_pkg_fm": lambda: (pre_pkg_fm(X, S), op._backproject(X, G)),
                 "e2e_new_buf": lambda: (pre_new(X, S, Yb), back_new(X, G, Bb)),
                 "e2e_chunk": lambda: (pre_chunk(X, S), back_chunk(X, G)),
+                "e2e_new_buf_serial": lambda: (pre_new(X, S, Yb, True), back_new(X, G, Bb, True)),
             }
             t = C.time_interleaved(fns, repeats, clock=args.clock)
             row = dict(d=d, T=T, n=n)
             row.update({k: v["best"] for k, v in t.items()})
             row.update({f"{k}_median": v["median"] for k, v in t.items()})
-            E2E = ("e2e_v0", "e2e_pkg", "e2e_pkg_fm", "e2e_new_buf", "e2e_chunk")
+            E2E = ("e2e_v0", "e2e_pkg", "e2e_pkg_fm", "e2e_new_buf", "e2e_chunk", "e2e_new_buf_serial")
             for k in E2E:
                 row[f"ra_{k}"] = row[k] / row["gemm2"]
             rows.append(row)
             print(f"  d={d} T={T} done", flush=True)
-    E2E = ("e2e_v0", "e2e_pkg", "e2e_pkg_fm", "e2e_new_buf", "e2e_chunk")
+    E2E = ("e2e_v0", "e2e_pkg", "e2e_pkg_fm", "e2e_new_buf", "e2e_chunk", "e2e_new_buf_serial")
     cols = [("d", "d", "d"), ("T", "T", "d")] + [
         (k, k, ".4f") for k in ("gemm2", "gemm2_out", "pc_v0", "pc_pkg", "pc_tri_fm", "pc_fused", "mt_v0", "mt_pkg",
                                 "mt_assign_buf", "fin_pkg") + E2E
