@@ -108,6 +108,14 @@ def _complement_basis(T: int) -> np.ndarray:
 class _BayesOutput:
     """Common parts: ``value_z`` is NaN (no objective in the Bayes loop), ``info`` is trivial."""
 
+    def _finish(self, g, dg, jacobian, n):
+        """``(g, dg or Tr dg, info)`` as ``g_out`` returns it."""
+        if jacobian == "trace":
+            dg = np.trace(dg, axis1=1, axis2=2)
+        elif jacobian != "full":
+            raise ValueError(f"jacobian must be 'full' or 'trace', got {jacobian!r}")
+        return g, dg, self._info(n)
+
     def value_z(self, y, z):
         """NaN per sample, shape (n,): the Bayes loop has no objective (AMP records NaN)."""
         return np.full(np.shape(y)[0], np.nan)
@@ -196,11 +204,7 @@ class BayesSoftmaxOutput(_BayesOutput):
             if dg.shape[0] != n:
                 dg = np.broadcast_to(dg, (n, K, K)).copy()
             g = np.einsum("nkl,nl->nk", dg, r)
-        if jacobian == "trace":
-            dg = np.trace(dg, axis1=1, axis2=2)
-        elif jacobian != "full":
-            raise ValueError(f"jacobian must be 'full' or 'trace', got {jacobian!r}")
-        return g, dg, self._info(n)
+        return self._finish(g, dg, jacobian, n)
 
 
 class BayesLinearOutput(_BayesOutput):
@@ -243,11 +247,7 @@ class BayesLinearOutput(_BayesOutput):
             Minv = 0.5 * (Minv + np.swapaxes(Minv, 1, 2))
             dg = Minv if Minv.shape[0] == n else np.broadcast_to(Minv, (n, K, K)).copy()
             g = np.einsum("nkl,nl->nk", dg, r)
-        if jacobian == "trace":
-            dg = np.trace(dg, axis1=1, axis2=2)
-        elif jacobian != "full":
-            raise ValueError(f"jacobian must be 'full' or 'trace', got {jacobian!r}")
-        return g, dg, self._info(n)
+        return self._finish(g, dg, jacobian, n)
 
 
 def bayes_output(channel):

@@ -7,20 +7,9 @@ from hypothesis import strategies as st
 from scipy.optimize import minimize
 
 from amp_attention import denoisers as dn
+from helpers import sym_basis
 
 
-def sym_basis(d):
-    """Orthonormal basis of Sym_d under the Frobenius inner product (d(d+1)/2 elements)."""
-    out = []
-    for i in range(d):
-        for j in range(i, d):
-            B = np.zeros((d, d))
-            if i == j:
-                B[i, i] = 1.0
-            else:
-                B[i, j] = B[j, i] = 1 / np.sqrt(2)
-            out.append(B)
-    return out
 
 
 def fd_divergence(eta, R, eps=1e-6):

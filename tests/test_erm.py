@@ -16,6 +16,7 @@ from scipy.special import logsumexp
 import amp_attention as aa
 from amp_attention import erm
 from amp_attention.erm import direct_erm, erm_gradient, erm_objective, kkt_residual
+from helpers import sym_basis
 
 
 def random_symmetric(d, rng):
@@ -39,18 +40,6 @@ def rel(A, B):
 # --------------------------------------------------------------------------------------------
 
 
-def sym_basis(d):
-    """Orthonormal basis of Sym_d (Frobenius inner product), shape (N, d, d)."""
-    E = []
-    for i in range(d):
-        for j in range(i, d):
-            B = np.zeros((d, d))
-            if i == j:
-                B[i, i] = 1.0
-            else:
-                B[i, j] = B[j, i] = 1.0 / np.sqrt(2.0)
-            E.append(B)
-    return np.array(E)
 
 
 def ridge_closed_form(X, y, lam):

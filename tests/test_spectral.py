@@ -27,6 +27,7 @@ from amp_attention.spectral import (
     rie_mmse,
     shat_spectrum,
 )
+from helpers import sym_basis
 
 # ----------------------------------------------------------------------------------------------
 # independent references
@@ -450,17 +451,6 @@ def test_kinked_integrals_match_adaptive_quadrature(law, a, Delta):
 # ----------------------------------------------------------------------------------------------
 
 
-def _sym_basis(d):
-    basis = []
-    for i in range(d):
-        for j in range(i, d):
-            E = np.zeros((d, d))
-            if i == j:
-                E[i, i] = 1.0
-            else:
-                E[i, j] = E[j, i] = 1 / np.sqrt(2)
-            basis.append(E)
-    return basis
 
 
 def _spectral_map(R, f):
@@ -477,7 +467,7 @@ def test_spectral_divergence_matches_finite_differences(f):
     assert np.min(np.abs(L - 0.2)) > 1e-3
     h = 1e-6
     div_fd = 0.0
-    for E in _sym_basis(d):
+    for E in sym_basis(d):
         dF = (_spectral_map(R + h * E, f) - _spectral_map(R - h * E, f)) / (2 * h)
         div_fd += np.sum(dF * E)
     assert sp._divergence(L, f) == pytest.approx(div_fd, rel=1e-6, abs=1e-8)
