@@ -126,7 +126,8 @@ def gamp(
     hist = {k: [] for k in HISTORY_KEYS}
     converged = diverged = False
     message = f"reached max_iter={max_iter}"
-    z = _forward_whitened(X, S)
+    work = np.empty(X.shape)  # one n T d buffer for every GEMM intermediate of the run
+    z = _forward_whitened(X, S, work)
     n_iter = 0
 
     def record_state(S_t, z_t):
@@ -151,7 +152,7 @@ def gamp(
         if not np.isfinite(A_hat) or A_hat <= 0:
             diverged, message = True, f"iteration {t}: A_hat = {A_hat} (not finite and > 0)"
             break
-        R = S + _adjoint_whitened(X, g) / (d * A_hat)                          # step 4
+        R = S + _adjoint_whitened(X, g, work) / (d * A_hat)                    # step 4
         S_new, div = denoiser(R, A_hat)                                        # step 5
         V_new = div / (d**2 * A_hat)                                           # step 6
         if theta != 1.0:
@@ -163,7 +164,7 @@ def gamp(
         norm = max(float(np.linalg.norm(S_new)), 1e-300)
         step = float(np.linalg.norm(S_new - S)) / norm
         S, V, g_prev = S_new, V_new, g
-        z = _forward_whitened(X, S)
+        z = _forward_whitened(X, S, work)
         n_iter = t + 1
         record_state(S, z)
         hist["V"].append(V)

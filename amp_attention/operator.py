@@ -5,17 +5,15 @@ Forward ``preactivations(X, S) -> H (n, T, T)``::
     H_ab = (x_a^T S x_b - delta_ab Tr S) / sqrt(d)
 
 computed as the GEMM ``Y = X.reshape(nT, d) @ S`` followed by per-sample ``T x T`` contractions
-``H_mu = X_mu Y_mu^T`` (Numba, parallel over samples).  Both run block by block over samples
-(``CHUNK_ROWS`` token rows per block) so that ``Y`` stays in cache; the blocks' GEMMs add up to
-the one GEMM of section 3.
+``H_mu = X_mu Y_mu^T`` (Numba, parallel over samples).  The GEMM can write into a caller-owned
+buffer of X's shape (``work``), so that an AMP run allocates the ``n T d`` intermediate once.
 
 Adjoint ``backproject(X, G) -> M (d, d)``::
 
     M = sym( sum_mu sum_ab G_mu,ab (x_a x_b^T - delta_ab I) ) / sqrt(d)
 
-computed as per-sample ``B_mu = G_mu X_mu`` (Numba) followed by the GEMM
-``X.reshape(nT, d).T @ B.reshape(nT, d)`` (accumulated over the same sample blocks), then
-symmetrised, minus the trace part.
+computed as per-sample ``B_mu = G_mu X_mu`` (Numba, into the same kind of buffer) followed by one
+GEMM ``X.reshape(nT, d).T @ B.reshape(nT, d)``, then symmetrised, minus the trace part.
 Adjoint means ``sum(H(S) * G) == Tr(S M(G))`` for symmetric S.
 
 Whitened forms (section 5): ``forward_whitened(X, S) -> (n, K)`` is ``A(S)_{mu k} = h_ab / c_k``,
@@ -76,10 +74,9 @@ def _pair_contract_numpy(X, Y):
 
 
 @njit(cache=True, parallel=True)
-def _mix_tokens(G, X):
-    """``B[mu] = G[mu] @ X[mu]`` (``(T, T) @ (T, d)`` per sample)."""
+def _mix_tokens_into(G, X, B):
+    """``B[mu] = G[mu] @ X[mu]`` (``(T, T) @ (T, d)`` per sample), written into ``B``."""
     n, T, d = X.shape
-    B = np.empty((n, T, d))
     for mu in prange(n):
         for a in range(T):
             g = G[mu, a, 0]
@@ -90,6 +87,11 @@ def _mix_tokens(G, X):
                 for i in range(d):
                     B[mu, a, i] += g * X[mu, b, i]
     return B
+
+
+def _mix_tokens(G, X):
+    """``B[mu] = G[mu] @ X[mu]`` into a fresh array (see :func:`_mix_tokens_into`)."""
+    return _mix_tokens_into(G, X, np.empty(X.shape))
 
 
 def _mix_tokens_numpy(G, X):
@@ -172,23 +174,16 @@ def preactivations(X, S) -> np.ndarray:
     return _preactivations(X, S)
 
 
-# Samples per block: the GEMM output of a block (CHUNK_ROWS x d) stays in cache for the Numba
-# contraction that reads it, instead of a (n T x d) intermediate going through main memory.
-CHUNK_ROWS = 8192
-
-
-def _blocks(n, T):
-    step = max(1, CHUNK_ROWS // T)
-    return [(i, min(n, i + step)) for i in range(0, n, step)]
-
-
-def _preactivations(X, S):
+def _preactivations(X, S, work=None):
+    """Unvalidated forward. ``work``: optional float64 buffer of X's shape for the GEMM output
+    ``Y = X S`` (GAMP reuses one buffer for every forward and adjoint of a run)."""
     n, T, d = X.shape
-    H = np.empty((n, T, T))
-    for lo, hi in _blocks(n, T):
-        Xb = X[lo:hi]
-        Y = (Xb.reshape((hi - lo) * T, d) @ S).reshape(hi - lo, T, d)
-        H[lo:hi] = _pair_contract(Xb, Y)
+    X2 = X.reshape(n * T, d)
+    if work is None:
+        Y = X2 @ S
+    else:
+        Y = np.matmul(X2, S, out=work.reshape(n * T, d))
+    H = _pair_contract(X, Y.reshape(n, T, d))
     tr = np.trace(S)
     for a in range(T):
         H[:, a, a] -= tr
@@ -218,13 +213,11 @@ def backproject(X, G) -> np.ndarray:
     return _backproject(X, G)
 
 
-def _backproject(X, G):
+def _backproject(X, G, work=None):
+    """Unvalidated adjoint; ``work`` as in :func:`_preactivations` (holds ``B = G X``)."""
     n, T, d = X.shape
-    M = np.zeros((d, d))
-    for lo, hi in _blocks(n, T):
-        Xb = X[lo:hi]
-        B = _mix_tokens(G[lo:hi], Xb)
-        M += Xb.reshape((hi - lo) * T, d).T @ B.reshape((hi - lo) * T, d)
+    B = _mix_tokens_into(G, X, np.empty(X.shape) if work is None else work.reshape(X.shape))
+    M = X.reshape(n * T, d).T @ B.reshape(n * T, d)
     M = 0.5 * (M + M.T)
     tr = 0.0
     for a in range(T):
@@ -254,9 +247,9 @@ def forward_whitened(X, S) -> np.ndarray:
     return _forward_whitened(X, S)
 
 
-def _forward_whitened(X, S):
+def _forward_whitened(X, S, work=None):
     ia, ib, c = pair_indices(X.shape[1])
-    H = _preactivations(X, S)
+    H = _preactivations(X, S, work)
     return H[:, ia, ib] / c
 
 
@@ -271,8 +264,8 @@ def adjoint_whitened(X, w) -> np.ndarray:
     return _adjoint_whitened(X, w)
 
 
-def _adjoint_whitened(X, w):
-    return _backproject(X, whitened_to_G(w, X.shape[1]))
+def _adjoint_whitened(X, w, work=None):
+    return _backproject(X, whitened_to_G(w, X.shape[1]), work)
 
 
 def sample_gram(X) -> np.ndarray:

@@ -168,3 +168,13 @@ def test_operator_validation_errors(rng):
         aa.preactivations(X.astype(complex), S)
     with pytest.raises(ValueError, match="w"):
         aa.adjoint_whitened(X, rng.standard_normal((4, 2)))
+
+
+def test_work_buffer_gives_identical_results(rng):
+    """GAMP passes one reusable (n, T, d) buffer to the private forward/adjoint."""
+    X = rng.standard_normal((9, 3, 7))
+    S = random_symmetric(7, rng)
+    G = rng.standard_normal((9, 3, 3))
+    work = np.full(X.shape, np.nan)  # stale content must not leak into the results
+    np.testing.assert_array_equal(op._preactivations(X, S, work), op._preactivations(X, S))
+    np.testing.assert_array_equal(op._backproject(X, G, work), op._backproject(X, G))
