@@ -97,8 +97,9 @@ def gamp(
     ----------
     loss : a loss object from :mod:`amp_attention.channels` (``g_out``, ``value_z``).
     denoiser : a denoiser from :mod:`amp_attention.denoisers` (``__call__(R, A_hat) -> (S, div)``).
-    variance : ``'sample'`` (``V_mu = V Gamma_mu``, converges undamped at finite d) or ``'scalar'``
-        (``V_mu = V I_K``; usually needs damping at d <= 80).
+    variance : ``'sample'`` (``V_mu = V Gamma_mu``, converges undamped at finite d in most cases) or ``'scalar'``
+        (``V_mu = V I_K``; usually needs damping at d <= 80). Undamped sample variances can still
+        cycle at small d near ``n K ~ d^2/2``: use damping ~0.5 there.
     damping : ``0 <= damping < 1``; ``S <- (1 - damping) S_new + damping S_old``, same for V.
     tol : stop when the relative step ``||S^{t+1} - S^t||_F / ||S^{t+1}||_F < tol``; ``tol = 0``
         runs exactly ``max_iter`` iterations.
