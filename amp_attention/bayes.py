@@ -67,9 +67,10 @@ import numpy as np
 
 from ._validation import as_float_array, check_nonnegative, check_positive, check_symmetric, check_T, check_tokens
 from .amp import GAMPEstimator, gamp
+from .se import teacher_law
 from .channels import _check_targets, _check_z, _prepare_V
 from .denoisers import spectral_divergence
-from .model import HardmaxChannel, LinearChannel, SoftmaxChannel, Teacher, row_softmax
+from .model import HardmaxChannel, LinearChannel, SoftmaxChannel, row_softmax
 from .spectral import RDensity, SpectralLaw, rie_mmse
 from .whitening import flat_direction, n_pairs, whiten
 
@@ -338,14 +339,8 @@ def rie_derivative(x, density: RDensity) -> np.ndarray:
 
 
 def _law_from(teacher_spectrum) -> SpectralLaw:
-    if isinstance(teacher_spectrum, SpectralLaw):
-        return teacher_spectrum
-    if isinstance(teacher_spectrum, Teacher):
-        return SpectralLaw.atoms(teacher_spectrum.eigenvalues)
-    raise ValueError(
-        "teacher_spectrum must be a SpectralLaw or a Teacher (whose exact eigenvalues are used), "
-        f"got {type(teacher_spectrum).__name__}"
-    )
+    """A :class:`SpectralLaw`, or a :class:`Teacher`'s exact eigenvalues as atoms."""
+    return teacher_law(teacher_spectrum, "exact", name="teacher_spectrum")
 
 
 class RIEDenoiser:

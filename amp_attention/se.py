@@ -35,7 +35,7 @@ from .channels import SquareLoss
 from .denoisers import FrobeniusDenoiser, NuclearDenoiser
 from .model import HardmaxChannel, LinearChannel, SoftmaxChannel, Teacher, row_softmax
 from .spectral import LinearShrinkage, SoftThreshold, SpectralLaw, finite_input_side, free_input_side
-from .whitening import n_pairs, unwhiten
+from .whitening import n_pairs, unwhiten, whiten
 
 __all__ = [
     "OutputSide", "InputSideMap", "SEResult", "state_evolution", "teacher_law", "output_map",
@@ -43,17 +43,18 @@ __all__ = [
 ]
 
 
-def teacher_law(teacher, spectrum: str = "exact") -> SpectralLaw:
+def teacher_law(teacher, spectrum: str = "exact", name: str = "teacher") -> SpectralLaw:
     """The teacher's spectral law for the SE input side.
 
     ``teacher``: a :class:`Teacher` or a :class:`SpectralLaw`.  ``spectrum='exact'`` uses the
     finite-d eigenvalues as atoms; ``'limit'`` uses the d -> infinity law where one is known
-    (Wishart(rho)), else the atoms.
+    (Wishart(rho)), else the atoms.  ``name`` is the argument named in the error message.
     """
     if isinstance(teacher, SpectralLaw):
         return teacher
     if not isinstance(teacher, Teacher):
-        raise ValueError(f"teacher must be a Teacher or a SpectralLaw, got {type(teacher).__name__}")
+        raise ValueError(f"{name} must be a Teacher (whose eigenvalues are used) or a SpectralLaw, "
+                         f"got {type(teacher).__name__}")
     if spectrum not in ("exact", "limit"):
         raise ValueError(f"spectrum must be 'exact' or 'limit', got {spectrum!r}")
     if spectrum == "limit" and teacher.kind == "wishart":
@@ -111,8 +112,6 @@ class OutputSide:
         self.y = channel(unwhiten(self.z_star, self.T), rng)
         self.closed_form = isinstance(loss, SquareLoss)
         if self.closed_form:
-            from .whitening import whiten
-
             if isinstance(channel, LinearChannel):
                 self.c1, self.c2 = self.Q + channel.noise, self.Q
             else:
@@ -349,8 +348,6 @@ class ThresholdResult:
 
 def _loss_floor(out: OutputSide) -> float:
     """``E min_z l_y(z)``: 0 for the square loss on symmetric targets, the row entropies for CE."""
-    from .whitening import whiten
-
     if isinstance(out.loss, SquareLoss):
         return float(np.mean(out.loss.value_z(out.y, whiten(out.y))))
     y = out.y
