@@ -5,7 +5,21 @@ to it.  Layout: ``model`` (teachers, tokens, channels that make y), ``operator``
 sensing map and adjoint), ``whitening`` (pair coordinates), ``channels`` (losses: prox, g_out),
 ``denoisers`` (spectral prox, divergence), ``amp`` (the GAMP loop), ``se`` (its scalar mirror),
 ``erm`` (direct training baseline), ``cli``.
+
+Thread policy: one GAMP iteration alternates BLAS calls (GEMM, SYRK, eigh) with Numba kernels
+parallel over samples.  OpenBLAS worker threads busy-wait for a long time after each call, and on
+a machine with few cores they then starve the Numba threads (measured on 2 cores: the iteration
+took 1.7x longer).  Importing this package therefore sets ``OPENBLAS_THREAD_TIMEOUT=4`` (workers
+sleep after ~2^4 cycles of idling) unless it is already set, which takes effect only if NumPy has
+not been imported yet; otherwise set it in the environment yourself.  Thread counts are the usual
+``OPENBLAS_NUM_THREADS`` / ``NUMBA_NUM_THREADS``.
 """
+
+import os as _os
+import sys as _sys
+
+if "numpy" not in _sys.modules:
+    _os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
 
 __version__ = "0.1.0"
 

@@ -24,10 +24,10 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ._validation import as_float_array, check_nonnegative, check_positive, check_symmetric, check_tokens
-from .channels import CrossEntropyLoss, SquareLoss
+from .channels import CrossEntropyLoss, GramVariance, SquareLoss, gram_g_out
 from .denoisers import FrobeniusDenoiser, NuclearDenoiser
 from .model import row_softmax
-from .operator import _adjoint_whitened, _forward_whitened, sample_gram
+from .operator import _adjoint_whitened, _forward_whitened, _forward_whitened_factored, sample_gram
 from .whitening import n_pairs, unwhiten
 
 __all__ = ["AMPResult", "gamp", "GAMPEstimator", "ERMAttention", "make_loss", "make_denoiser"]
@@ -113,12 +113,16 @@ def gamp(
     n, T, d = X.shape
     K = n_pairs(T)
     if variance == "sample":
-        Gamma = sample_gram(X)
+        gram = GramVariance(sample_gram(X))  # Gamma_mu validated and Cholesky-factored once
     elif variance == "scalar":
-        Gamma = np.broadcast_to(np.eye(K), (n, K, K))
+        gram = GramVariance(np.eye(K))
     else:
         raise ValueError(f"variance must be 'sample' or 'scalar', got {variance!r}")
+    Gamma = gram.gamma if not gram.shared else gram.gamma[0]
     theta = 1.0 - damping
+    # a nuclear denoiser also returns S^{t+1} = F F^T; the next forward then costs 2 n T d r
+    # flops instead of 2 n T d^2 (r = rank of S, often well below d)
+    factored = getattr(denoiser, "factored", None) if theta == 1.0 else None
 
     S = np.zeros((d, d))
     V = float(V0)
@@ -145,16 +149,20 @@ def gamp(
 
     for t in range(max_iter):
         t0 = time.perf_counter()
-        Vmu = V * Gamma
-        omega = z - np.einsum("nkl,nl->nk", Vmu, g_prev)                       # step 1
-        g, dg, info = loss.g_out(y, omega, np.ascontiguousarray(Vmu), p0=p_prev)  # step 2
+        Gg = g_prev @ Gamma if gram.shared else np.einsum("nkl,nl->nk", Gamma, g_prev)
+        omega = z - V * Gg                                                     # step 1
+        g, a_mu, info = gram_g_out(loss, y, omega, V, gram, p0=p_prev)         # step 2
         p_prev = info.get("p")  # warm start of the next prox (Newton for cross-entropy)
-        A_hat = float(np.einsum("nkl,nkl->", Gamma, dg)) / d**2              # step 3
+        A_hat = float(np.sum(a_mu)) / d**2                                     # step 3
         if not np.isfinite(A_hat) or A_hat <= 0:
             diverged, message = True, f"iteration {t}: A_hat = {A_hat} (not finite and > 0)"
             break
         R = S + _adjoint_whitened(X, g, work) / (d * A_hat)                    # step 4
-        S_new, div = denoiser(R, A_hat)                                        # step 5
+        F = None
+        if factored is not None:
+            S_new, div, F = factored(R, A_hat)                                 # step 5
+        else:
+            S_new, div = denoiser(R, A_hat)                                    # step 5
         V_new = div / (d**2 * A_hat)                                           # step 6
         if theta != 1.0:
             S_new = theta * S_new + (1.0 - theta) * S
@@ -165,7 +173,10 @@ def gamp(
         norm = max(float(np.linalg.norm(S_new)), 1e-300)
         step = float(np.linalg.norm(S_new - S)) / norm
         S, V, g_prev = S_new, V_new, g
-        z = _forward_whitened(X, S, work)
+        if F is not None and F.shape[1] < d:
+            z = _forward_whitened_factored(X, F, np.ones(F.shape[1]), work)
+        else:
+            z = _forward_whitened(X, S, work)
         n_iter = t + 1
         record_state(S, z)
         hist["V"].append(V)

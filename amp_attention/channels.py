@@ -73,6 +73,8 @@ __all__ = [
     "square_g_out",
     "cross_entropy_prox",
     "cross_entropy_g_out",
+    "GramVariance",
+    "gram_g_out",
 ]
 
 _DEFAULT_TOL = 1e-11
@@ -162,6 +164,56 @@ def _prepare_V(V, n: int, K: int):
     if not np.all(np.isfinite(L)):
         raise ValueError("V must be positive definite (per sample)")
     return Vs, np.ascontiguousarray(L)
+
+
+class GramVariance:
+    """Per-sample variance shapes ``Gamma (n, K, K)`` (or one shared ``(K, K)``), validated and
+    Cholesky-factored once, for GAMP's variances ``V_mu = v Gamma_mu`` (DESIGN.md section 5).
+
+    Across GAMP iterations only the scalar ``v`` changes; :func:`gram_g_out` evaluates ``g_out`` at
+    ``v * Gamma`` without re-validating or re-factoring ``n`` matrices per iteration.
+
+    Attributes: ``gamma`` and ``chol`` (nV, K, K) with nV in {1, n} (``chol`` lower Cholesky
+    factor), ``diag`` (every Gamma diagonal).  Raises ValueError if Gamma is not symmetric
+    positive definite.
+    """
+
+    def __init__(self, gamma):
+        arr = as_float_array(gamma, "gamma")
+        if arr.ndim not in (2, 3) or arr.shape[-1] != arr.shape[-2]:
+            raise ValueError(f"gamma must have shape (K, K) or (n, K, K), got {arr.shape}")
+        n = arr.shape[0] if arr.ndim == 3 else 1
+        K = arr.shape[-1]
+        self.gamma, self.chol = _prepare_V(arr, n, K)
+        self.diag = bool(np.all(self.gamma[:, ~np.eye(K, dtype=bool)] == 0.0))
+
+    @property
+    def shared(self) -> bool:
+        return self.gamma.shape[0] == 1
+
+    def scaled(self, v: float) -> np.ndarray:
+        """``v Gamma`` as an ``(n, K, K)`` array, or ``(K, K)`` when shared."""
+        return v * (self.gamma[0] if self.shared else self.gamma)
+
+    def weighted_trace(self, dg: np.ndarray) -> np.ndarray:
+        """``Tr(Gamma_mu dg_mu)`` per sample for ``dg (n, K, K)``."""
+        return np.sum(self.gamma * dg, axis=(1, 2))
+
+
+def gram_g_out(loss, y, omega, v: float, gram: GramVariance, p0=None):
+    """``g_out`` of ``loss`` at ``V_mu = v Gamma_mu`` (DESIGN.md section 5, steps 2-3).
+
+    Returns ``(g (n, K), a (n,), info)`` with ``a_mu = Tr(Gamma_mu dg_mu)``, ``dg = -dg/domega``:
+    GAMP needs only ``A_hat = sum_mu a_mu / d^2``.  Losses with a fused kernel (cross-entropy)
+    compute ``a`` without forming the ``(n, K, K)`` Jacobian; any other output object with a
+    ``g_out(y, omega, V, p0=...)`` method (square loss, Bayes outputs) goes through it.
+    ``v = 0`` gives the ``V -> 0`` limit.
+    """
+    fast = getattr(loss, "_gram_g_out", None)
+    if fast is not None and v > 0:
+        return fast(y, omega, v, gram, p0)
+    g, dg, info = loss.g_out(y, omega, gram.scaled(v), p0=p0)
+    return g, gram.weighted_trace(dg), info
 
 
 def _is_zero_variance(V) -> bool:
@@ -841,21 +893,44 @@ def _ce_jacobian(Li, diag, hess, HL, B, M, X, col, tmp, dg):
     return ok
 
 
+@njit(cache=True)
+def _ce_jacobian_trace(Li, diag, hess, HL, B, M, col, tmp):
+    """``Tr(V dg) = Tr(M^{-1} B)`` (B = L^T H L, M = I + B, V = L L^T) by K Cholesky solves.
+
+    No cancellation: each column of ``M^{-1} B`` is solved for (as in :func:`_ce_jacobian`, without
+    the back-transformation by ``L``).  Returns ``(trace, ok)``.
+    """
+    K = Li.shape[0]
+    _build_newton_matrix(Li, diag, hess, HL, B)
+    ok = _factor_newton_matrix(B, M)
+    tr = 0.0
+    for j in range(K):
+        for i in range(K):
+            col[i] = B[i, j]
+        _forward(M, False, col, tmp)
+        _backward(M, False, tmp, col)
+        tr += col[j]
+    return tr, ok
+
+
 @njit(cache=True, parallel=True)
 def _ce_prox_kernel(
-    y, omega, z0, V, L, diag, beta, kidx, cc, tol, max_newton, jac_mode, nchunk,
+    y, omega, z0, V, L, diag, vscale, beta, kidx, cc, tol, max_newton, jac_mode, nchunk,
     p, g, dg, dgtr, iterations, status,
 ):
     """Per-sample cross-entropy prox, ``g`` and Jacobian (Numba, parallel over samples).
 
     y (n, T, T), omega/z0 (n, K), V/L (nV, K, K) with nV in {1, n} (L = Cholesky factor of V);
-    ``diag``: every V is diagonal (then only diag(L) is used).  jac_mode: 0 = no Jacobian,
-    1 = full into dg (n, K, K), 2 = trace into dgtr (n,).  Outputs p, g (n, K), iterations,
-    status (n,).  DESIGN.md section 5.
+    the variance used is ``vscale * V`` (factor ``sqrt(vscale) L``), so that GAMP's
+    ``V^t Gamma_mu`` reuses one factorisation of Gamma.  ``diag``: every V is diagonal (then only
+    diag(L) is used).  jac_mode: 0 = no Jacobian, 1 = full into dg (n, K, K), 2 = trace into
+    dgtr (n,), 3 = ``Tr(V_mu dg_mu) / vscale`` (i.e. ``Tr(Gamma_mu dg_mu)``) into dgtr.
+    Outputs p, g (n, K), iterations, status (n,).  DESIGN.md section 5.
     """
     n, K = omega.shape
     T = y.shape[1]
     nV = V.shape[0]
+    lscale = np.sqrt(vscale)
     for ch in prange(nchunk):
         start = (ch * n) // nchunk
         stop = ((ch + 1) * n) // nchunk
@@ -875,10 +950,15 @@ def _ce_prox_kernel(
         zt = np.empty(K)
         brow = np.empty(T)
         S = np.empty((T, T))
+        Vi = np.empty((K, K))
+        Li = np.empty((K, K))
         for i in range(start, stop):
             j = i if nV > 1 else 0
-            Vi = V[j]
-            Li = L[j]
+            if i == start or nV > 1:
+                for a in range(K):
+                    for b in range(K):
+                        Vi[a, b] = vscale * V[j, a, b]
+                        Li[a, b] = lscale * L[j, a, b]
             for a in range(K):
                 z[a] = z0[i, a]
             st, nit = _ce_sample(
@@ -888,7 +968,12 @@ def _ce_prox_kernel(
             for a in range(K):
                 p[i, a] = z[a]
                 g[i, a] = -grad[a]
-            if jac_mode != 0:
+            if jac_mode == 3:
+                tr, ok = _ce_jacobian_trace(Li, diag, hess, HL, B, M, rhs, u)
+                if not ok and st < _MAX_ITER:
+                    st = _NONFINITE
+                dgtr[i] = tr / vscale
+            elif jac_mode != 0:
                 ok = _ce_jacobian(Li, diag, hess, HL, B, M, X, rhs, u, D)
                 if not ok and st < _MAX_ITER:
                     st = _NONFINITE
@@ -905,6 +990,18 @@ def _ce_prox_kernel(
             status[i] = st
 
 
+@njit(cache=True, inline="always")
+def _ce_value_one(yi, zi, beta, kidx, cc, brow, S):
+    """Loss of one sample at ``zi``; leaves the row softmaxes in ``S``."""
+    T = yi.shape[0]
+    lse = _ce_softmax_rows(zi, beta, kidx, cc, brow, S)
+    lin = 0.0
+    for a in range(T):
+        for b in range(T):
+            lin += yi[a, b] * (beta * (cc[a, b] * zi[kidx[a, b]]))
+    return lse - lin
+
+
 @njit(cache=True, parallel=True)
 def _ce_derivs_kernel(y, z, beta, kidx, cc, value, grad, hess):
     """Loss, gradient and Hessian in whitened coordinates per sample (Numba twin of the NumPy
@@ -914,13 +1011,27 @@ def _ce_derivs_kernel(y, z, beta, kidx, cc, value, grad, hess):
     for i in prange(n):
         brow = np.empty(T)
         S = np.empty((T, T))
-        lse = _ce_softmax_rows(z[i], beta, kidx, cc, brow, S)
-        lin = 0.0
-        for a in range(T):
-            for b in range(T):
-                lin += y[i, a, b] * (beta * (cc[a, b] * z[i, kidx[a, b]]))
-        value[i] = lse - lin
+        value[i] = _ce_value_one(y[i], z[i], beta, kidx, cc, brow, S)
         _ce_derivs_from_softmax(y[i], beta, kidx, cc, S, grad[i], hess[i])
+
+
+@njit(cache=True, parallel=True)
+def _ce_value_kernel(y, z, beta, kidx, cc, value):
+    """Loss ``l_y(z)`` per sample (Numba twin of the NumPy ``_ce_value_z``); GAMP records the
+    training objective with it every iteration."""
+    n, K = z.shape
+    T = y.shape[1]
+    for i in prange(n):
+        brow = np.empty(T)
+        S = np.empty((T, T))
+        value[i] = _ce_value_one(y[i], z[i], beta, kidx, cc, brow, S)
+
+
+def _ce_value_numba(y, z, beta):
+    kidx, cc = _pair_maps(y.shape[1])
+    value = np.empty(z.shape[0])
+    _ce_value_kernel(y, z, float(beta), kidx, cc, value)
+    return value
 
 
 def _ce_derivs_numba(y, z, beta):
@@ -936,23 +1047,29 @@ def _ce_derivs_numba(y, z, beta):
     return value, grad, hess
 
 
-def _ce_run(y, omega, V, beta, p0, tol, max_newton, jac_mode):
-    """Validated inputs -> kernel outputs ``(p, g, dg, info)``."""
+def _ce_run(y, omega, V, beta, p0, tol, max_newton, jac_mode, vscale=1.0):
+    """Validated inputs -> kernel outputs ``(p, g, dg, info)``.
+
+    ``V`` is anything :func:`_prepare_V` accepts, or a :class:`GramVariance` (already factored;
+    the variance is then ``vscale * V.gamma``)."""
     n, K = omega.shape
-    Vs, L = _prepare_V(V, n, K)
+    if isinstance(V, GramVariance):
+        Vs, L, diag = V.gamma, V.chol, V.diag
+    else:
+        Vs, L = _prepare_V(V, n, K)
+        diag = bool(np.all(Vs[:, ~np.eye(K, dtype=bool)] == 0.0))
     z0 = omega if p0 is None else _check_z(p0, "p0", y)
-    diag = bool(np.all(Vs[:, ~np.eye(K, dtype=bool)] == 0.0))
     kidx, cc = _pair_maps(y.shape[1])
     p = np.empty((n, K))
     g = np.empty((n, K))
     dg = np.empty((n, K, K)) if jac_mode == 1 else np.empty((1, 1, 1))
-    dgtr = np.empty(n) if jac_mode == 2 else np.empty(1)
+    dgtr = np.empty(n) if jac_mode in (2, 3) else np.empty(1)
     iterations = np.empty(n, dtype=np.int64)
     status = np.empty(n, dtype=np.int64)
     nchunk = int(min(n, 8 * numba.get_num_threads()))
     _ce_prox_kernel(
-        y, omega, z0, Vs, L, diag, float(beta), kidx, cc, float(tol), int(max_newton),
-        int(jac_mode), nchunk, p, g, dg, dgtr, iterations, status,
+        y, omega, z0, Vs, L, diag, float(vscale), float(beta), kidx, cc, float(tol),
+        int(max_newton), int(jac_mode), nchunk, p, g, dg, dgtr, iterations, status,
     )
     converged = status <= _CONVERGED_STEP
     info = {
@@ -960,7 +1077,7 @@ def _ce_run(y, omega, V, beta, p0, tol, max_newton, jac_mode):
         "n_failed": int(np.count_nonzero(~converged)),
         "converged": converged,
     }
-    if jac_mode == 2:
+    if jac_mode in (2, 3):
         dg = dgtr
     return p, g, dg, info
 
@@ -1186,7 +1303,7 @@ class CrossEntropyLoss(Loss):
     def value_z(self, y, z):
         """``l_y(z) = value(y, unwhiten(z))``, shape (n,)."""
         y = self._targets(y)
-        return _ce_value_z(y, _check_z(z, "z", y), self.beta)
+        return _ce_value_numba(y, _check_z(z, "z", y), self.beta)
 
     def grad_z(self, y, z):
         """Gradient of ``l_y`` in whitened coordinates, shape (n, K); orthogonal to ``u`` when the
@@ -1204,6 +1321,17 @@ class CrossEntropyLoss(Loss):
         return cross_entropy_prox(
             y, omega, V, self.beta, p0=p0, tol=self.tol, max_newton=self.max_newton
         )
+
+    def _gram_g_out(self, y, omega, v, gram, p0=None):
+        """Fused path of :func:`gram_g_out`: the kernel returns ``Tr(Gamma_mu dg_mu)`` directly."""
+        y = self._targets(y)
+        omega = _check_z(omega, "omega", y)
+        if gram.gamma.shape[0] not in (1, y.shape[0]) or gram.gamma.shape[1] != omega.shape[1]:
+            raise ValueError(f"gram has shape {gram.gamma.shape}, incompatible with omega {omega.shape}")
+        v = check_positive(v, "v")
+        p, g, a, info = _ce_run(y, omega, gram, self.beta, p0, self.tol, self.max_newton, 3, vscale=v)
+        info["p"] = p
+        return g, a, info
 
     def g_out(self, y, omega, V, p0=None, jacobian="full"):
         """See :func:`cross_entropy_g_out`."""

@@ -51,6 +51,7 @@ convex with a unique minimiser in the generic case (always unique in ``h`` for t
 from __future__ import annotations
 
 import numbers
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -95,6 +96,8 @@ class ERMResult:
     converged : bool.  ``'lbfgs'``: ``grad_norm <= max(tol, LBFGS_FLOOR) * grad_scale``;
         ``'prox'``: the last gradient mapping ``||S_new - Y|| / step`` is ``<= tol * grad_scale``.
     history : (n_iter,) float64, objective after each iteration.
+    times : (n_iter,) float64, wall-clock seconds since the call started at each history entry
+        (for time-to-objective comparisons, e.g. with GAMP in ``benchmarks/amp_iteration.py``).
     grad_norm : float, the natural (projected / KKT) residual at ``S``, see :func:`kkt_residual`.
     grad_scale : float, the scale ``tol`` is relative to (gradient size at ``S = 0``).
     method : str, ``'lbfgs'`` or ``'prox'``.
@@ -112,6 +115,7 @@ class ERMResult:
     method: str = "lbfgs"
     message: str = ""
     width: int | None = None
+    times: np.ndarray | None = None
 
     @property
     def relative_residual(self) -> float:
@@ -353,8 +357,9 @@ def _frobenius_fun(problem: _Problem, coords, record: dict):
     return fun
 
 
-def _run_lbfgs(fun, x0, problem, scale, tol, max_iter, record):
-    """L-BFGS-B with restarts (fresh memory) while the KKT residual keeps improving."""
+def _run_lbfgs(fun, x0, problem, scale, tol, max_iter, record, times, t_start):
+    """L-BFGS-B with restarts (fresh memory) while the KKT residual keeps improving.
+    Appends to ``times`` the seconds since ``t_start`` at each history entry."""
     history: list[float] = []
     n_iter = 0
     x = x0
@@ -365,6 +370,7 @@ def _run_lbfgs(fun, x0, problem, scale, tol, max_iter, record):
         # L-BFGS-B calls back after accepting xk, whose value was the last one evaluated
         # (portable to scipy < 1.11, which has no ``intermediate_result``)
         history.append(float(record["f"]))
+        times.append(time.perf_counter() - t_start)
 
     # L-BFGS-B's pgtol is an absolute sup-norm bound on the gradient in the optimised variables.
     for _restart in range(20):
@@ -426,7 +432,7 @@ def _prox(R, step, problem: _Problem, width):
     return 0.5 * (S + S.T)
 
 
-def _run_fista(problem: _Problem, S0, width, scale, tol, max_iter):
+def _run_fista(problem: _Problem, S0, width, scale, tol, max_iter, times, t_start):
     d = problem.d
     reg_value = lambda S: _reg_value(S, problem.reg, problem.lam, d)  # noqa: E731
     S = _prox(S0, 0.0, problem, width) if problem.reg == "nuclear" else S0.copy()
@@ -475,6 +481,7 @@ def _run_fista(problem: _Problem, S0, width, scale, tol, max_iter):
         t = t_next
         S = S_new
         history.append(F_new)
+        times.append(time.perf_counter() - t_start)
         if gmap <= tol * scale:
             converged = True
             message = "gradient mapping below tol"
@@ -526,6 +533,8 @@ def direct_erm(
     -------
     ERMResult with ``S``, ``objective``, ``n_iter``, ``converged``, ``history``, ``grad_norm``.
     """
+    t_start = time.perf_counter()
+    times: list[float] = []
     X, y, loss, reg, lam, beta = _validate(X, y, loss, reg, lam, beta)
     n, T, d = X.shape
     method = _check_choice(method, "method", METHODS)
@@ -547,7 +556,7 @@ def direct_erm(
 
     if method == "prox":
         start = np.zeros((d, d)) if S0 is None else S0
-        S, n_iter, history, converged, message = _run_fista(problem, start, width, scale, tol, max_iter)
+        S, n_iter, history, converged, message = _run_fista(problem, start, width, scale, tol, max_iter, times, t_start)
         r = problem.residual(S)
     else:
         record: dict = {}
@@ -566,7 +575,7 @@ def direct_erm(
             coords = _sym_coords(d)
             fun = _frobenius_fun(problem, coords, record)
             x0 = np.zeros(d * (d + 1) // 2) if S0 is None else _sym_to_vec(S0, coords)
-        x, r, n_iter, history, message = _run_lbfgs(fun, x0, problem, scale, tol, max_iter, record)
+        x, r, n_iter, history, message = _run_lbfgs(fun, x0, problem, scale, tol, max_iter, record, times, t_start)
         S = record["S"]
         converged = bool(r <= max(tol, LBFGS_FLOOR) * scale)
     S = 0.5 * (S + S.T)
@@ -581,4 +590,5 @@ def direct_erm(
         method=method,
         message=message,
         width=width,
+        times=np.asarray(times, dtype=np.float64),
     )

@@ -1,7 +1,7 @@
 """Naive materialised-einsum sensing operator (the baseline of DESIGN.md section 10).
 
 This is how published research code applies the attention sensing operator: it materialises the
-full sensing tensor of shape ``(n, T, T, d, d)``::
+full sensing tensor, of shape ``(n, T, T, d, d)`` or ``(n, d, d, T, T)`` (``LAYOUTS``)::
 
     Z[mu, a, b] = (x_a x_b^T - delta_ab I) / sqrt(d)
 
@@ -12,7 +12,10 @@ and contracts it with einsum::
 
 Memory is ``8 n T^2 d^2`` bytes (1.6 GB at d = 100, T = 2, n = d^2 / 2; 8 GB at d = 150) - use
 :func:`naive_bytes` / :func:`fits` before building.  ``optimize=True`` (the default here) lets
-einsum dispatch the contractions to BLAS, i.e. the strongest version of the baseline.
+einsum dispatch the contractions to BLAS; with the (n, T, T, d, d) layout that needs no copy, the
+strongest version of the baseline.  With the (n, d, d, T, T) layout of DESIGN.md section 10 the
+BLAS dispatch first copies the whole tensor into another order, so plain einsum (``optimize=False``,
+NumPy's default) is the faster choice there.
 
 Run ``python benchmarks/naive.py`` to check it against ``amp_attention`` and time it on small sizes.
 """
@@ -62,25 +65,36 @@ def max_samples(T: int, d: int, cap_bytes: int = DEFAULT_CAP_BYTES) -> int:
     return max(0, int((cap - 16 * d * d) // per))
 
 
-def build_sensing(X: np.ndarray) -> np.ndarray:
-    """``Z (n, T, T, d, d)`` with ``Z[mu, a, b] = (x_a x_b^T - delta_ab I) / sqrt(d)``."""
+#: Memory layouts of the sensing tensor: ``'nabij'`` = (n, T, T, d, d) (the d x d blocks contiguous,
+#: so einsum's BLAS dispatch applies without copies: the strongest baseline) and ``'nijab'`` =
+#: (n, d, d, T, T), the layout DESIGN.md section 10 names (the T x T blocks contiguous).
+LAYOUTS = ("nabij", "nijab")
+
+
+def build_sensing(X: np.ndarray, layout: str = "nabij") -> np.ndarray:
+    """``Z[mu, a, b] = (x_a x_b^T - delta_ab I) / sqrt(d)`` in the given layout (see LAYOUTS)."""
     n, T, d = X.shape
-    Z = np.einsum("nai,nbj->nabij", X, X)
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    Z = np.einsum(f"nai,nbj->{layout}", X, X)
     idx = np.arange(d)
     for a in range(T):
-        Z[:, a, a, idx, idx] -= 1.0
+        if layout == "nabij":
+            Z[:, a, a, idx, idx] -= 1.0
+        else:
+            Z[:, idx, idx, a, a] -= 1.0
     Z *= 1.0 / np.sqrt(d)
     return Z
 
 
-def forward(Z: np.ndarray, S: np.ndarray, optimize=True) -> np.ndarray:
-    """``H = einsum('nabij,ij->nab', Z, S)``, shape (n, T, T)."""
-    return np.einsum("nabij,ij->nab", Z, S, optimize=optimize)
+def forward(Z: np.ndarray, S: np.ndarray, optimize=True, layout: str = "nabij") -> np.ndarray:
+    """``H = einsum('nabij,ij->nab', Z, S)`` (or its 'nijab' form), shape (n, T, T)."""
+    return np.einsum(f"{layout},ij->nab", Z, S, optimize=optimize)
 
 
-def adjoint(Z: np.ndarray, G: np.ndarray, optimize=True) -> np.ndarray:
-    """``M = sym(einsum('nab,nabij->ij', G, Z))``, shape (d, d)."""
-    M = np.einsum("nab,nabij->ij", G, Z, optimize=optimize)
+def adjoint(Z: np.ndarray, G: np.ndarray, optimize=True, layout: str = "nabij") -> np.ndarray:
+    """``M = sym(einsum('nab,nabij->ij', G, Z))`` (or its 'nijab' form), shape (d, d)."""
+    M = np.einsum(f"nab,{layout}->ij", G, Z, optimize=optimize)
     return 0.5 * (M + M.T)
 
 
@@ -103,29 +117,28 @@ def main(argv=None):
         W = rng.standard_normal((d, d))
         S = (W + W.T) / 2
         G = rng.standard_normal((n, T, T))
-        Z = build_sensing(X)
-        errH = np.max(np.abs(forward(Z, S) - aa.preactivations(X, S))) / np.max(np.abs(aa.preactivations(X, S)))
-        M_ref = aa.backproject(X, G)
-        errM = np.max(np.abs(adjoint(Z, G) - M_ref)) / np.max(np.abs(M_ref))
-        row = dict(d=d, T=T, n=n, mem=naive_bytes(n, T, d), err_H=errH, err_M=errM)
-        for opt in (True, False):
-            row[f"fwd_{opt}"] = C.timeit(lambda: forward(Z, S, opt), repeats, clock=args.clock)["median"]
-            row[f"adj_{opt}"] = C.timeit(lambda: adjoint(Z, G, opt), repeats, clock=args.clock)["median"]
-        Z = None  # free the tensor before timing the build
+        row = dict(d=d, T=T, n=n, mem=naive_bytes(n, T, d))
+        H_ref, M_ref = aa.preactivations(X, S), aa.backproject(X, G)
+        for layout in LAYOUTS:
+            Z = build_sensing(X, layout)
+            err_H = np.max(np.abs(forward(Z, S, layout=layout) - H_ref)) / np.max(np.abs(H_ref))
+            err_M = np.max(np.abs(adjoint(Z, G, layout=layout) - M_ref)) / np.max(np.abs(M_ref))
+            row[f"err_{layout}"] = max(err_H, err_M)
+            for opt in (True, False):
+                row[f"fwd_{layout}_{opt}"] = C.timeit(lambda: forward(Z, S, opt, layout), repeats, clock=args.clock)["median"]
+                row[f"adj_{layout}_{opt}"] = C.timeit(lambda: adjoint(Z, G, opt, layout), repeats, clock=args.clock)["median"]
+            Z = None  # free the tensor before the next one
         row["build"] = C.timeit(lambda: build_sensing(X), repeats, warmup=0, clock=args.clock)["median"]
         rows.append(row)
-    C.print_table(
-        rows,
-        [
-            ("d", "d", "d"), ("T", "T", "d"), ("n", "n", "d"), ("mem", "tensor", C.fmt_bytes),
-            ("build", "build[s]", ".4f"), ("fwd_True", "fwd(opt)[s]", ".4f"), ("adj_True", "adj(opt)[s]", ".4f"),
-            ("fwd_False", "fwd(plain)[s]", ".4f"), ("adj_False", "adj(plain)[s]", ".4f"),
-            ("err_H", "relerr H", ".1e"), ("err_M", "relerr M", ".1e"),
-        ],
-    )
+    cols = [("d", "d", "d"), ("T", "T", "d"), ("n", "n", "d"), ("mem", "tensor", C.fmt_bytes), ("build", "build[s]", ".4f")]
+    for layout in LAYOUTS:
+        for opt, tag in ((True, "opt"), (False, "plain")):
+            cols += [(f"fwd_{layout}_{opt}", f"fwd {layout} {tag}", ".4f"), (f"adj_{layout}_{opt}", f"adj {layout} {tag}", ".4f")]
+        cols.append((f"err_{layout}", f"relerr {layout}", ".1e"))
+    C.print_table(rows, cols)
     path = C.write_json("naive", {"quick": args.quick, "rows": rows}, args.out)
     print(f"wrote {path}")
-    bad = [r for r in rows if max(r["err_H"], r["err_M"]) > 1e-10]
+    bad = [r for r in rows if max(r[f"err_{layout}"] for layout in LAYOUTS) > 1e-10]
     if bad:
         raise SystemExit(f"naive operator disagrees with amp_attention: {bad}")
 

@@ -18,6 +18,11 @@ array) is reported as ``(strict)``.  It also times the pieces (validation, both 
 ``_mix_tokens``, the remaining NumPy glue) so one can see where the time goes, and the
 peak resident memory of one forward + adjoint.
 
+A third table compares the two adjoint paths (``_backproject`` picks one by shape): the GEMM path
+``X.T @ (G X)`` and the syrk path (per-sample Jacobi ``_sym_eig``, row packing
+``_pack_eig_rows``, ``P^T P - N^T N`` by ``dsyrk``), with those pieces, and the factored forward
+``_preactivations_factored`` at rank r = d/2 (S = F diag(+-1) F^T) against the dense forward.
+
     python benchmarks/operator.py --quick
     python benchmarks/operator.py                      # d = 100 150 200 300, T = 2 3, alpha = 0.5
     python benchmarks/operator.py --d 100 200 --T 2 --alpha 1.0
@@ -53,6 +58,13 @@ def make_inputs(n, T, d, rng):
     return X, S, G, Bf
 
 
+def make_factor(S, r):
+    """Rank-r factor of S by largest |eigenvalue|: S_r = F diag(sigma) F^T, sigma = +-1."""
+    lam, U = np.linalg.eigh(S)
+    idx = np.argsort(-np.abs(lam))[:r]
+    return U[:, idx] * np.sqrt(np.abs(lam[idx])), np.sign(lam[idx])
+
+
 def bench_config(d, T, alpha, repeats, cap_bytes, naive_mode, rng, args):
     n = int(round(alpha * d * d))
     X, S, G, Bf = make_inputs(n, T, d, rng)
@@ -61,6 +73,14 @@ def bench_config(d, T, alpha, repeats, cap_bytes, naive_mode, rng, args):
     B = op._mix_tokens(G, X)
     Yout = np.empty((n * T, d))
     opt = args.naive_einsum == "opt"
+    # syrk-path intermediates (for timing its pieces on their own)
+    lam, V = op._sym_eig(G)
+    pos_start, neg_start, n_pos, n_neg = op._eig_row_offsets(lam)
+    Wrows = np.empty((n * T, d))
+    op._pack_eig_rows(X, lam, V, pos_start, neg_start, Wrows)
+    r_half = max(1, d // 2)
+    F, sigma = make_factor(S, r_half)
+    work = np.empty(X.shape)
 
     def ours():
         aa.preactivations(X, S)
@@ -98,6 +118,13 @@ def bench_config(d, T, alpha, repeats, cap_bytes, naive_mode, rng, args):
         "pair_contract": lambda: op._pair_contract(X, Y),
         "mix_tokens": lambda: op._mix_tokens(G, X),
         "gemm_adj": lambda: X2.T @ B.reshape(n * T, d),
+        "adj_gemm_path": lambda: op._backproject_gemm(X, G, work),
+        "adj_syrk_path": lambda: op._backproject_syrk(X, G, work),
+        "sym_eig": lambda: op._sym_eig(G),
+        "pack_rows": lambda: op._pack_eig_rows(X, lam, V, pos_start, neg_start, Wrows),
+        "syrk": lambda: op._syrk_difference(Wrows[:n_pos], Wrows[n * T - n_neg:]),
+        "fwd_dense_work": lambda: op._preactivations(X, S, work),
+        "fwd_factored_half": lambda: op._preactivations_factored(X, F, sigma, work),
     }
     t = C.time_interleaved(fns, repeats, clock=args.clock)
     med = {k: v["median"] for k, v in t.items()}
@@ -111,7 +138,14 @@ def bench_config(d, T, alpha, repeats, cap_bytes, naive_mode, rng, args):
     row["ratio_a_strict"] = med["ours"] / med["gemm_out"]
     # rest ("glue") = core function minus its GEMM and Numba kernel timed on whole arrays
     row["t_fwd_glue"] = med["core_fwd"] - med["gemm_fwd"] - med["pair_contract"]
-    row["t_adj_glue"] = med["core_adj"] - med["gemm_adj"] - med["mix_tokens"]
+    row["adj_method"] = "syrk" if d >= op._SYRK_MIN_D + op._SYRK_MIN_D_PER_T * T else "gemm"
+    if row["adj_method"] == "syrk":
+        row["t_adj_glue"] = med["core_adj"] - med["sym_eig"] - med["pack_rows"] - med["syrk"]
+    else:
+        row["t_adj_glue"] = med["core_adj"] - med["gemm_adj"] - med["mix_tokens"]
+    row["adj_syrk_over_gemm"] = med["adj_syrk_path"] / med["adj_gemm_path"]
+    row["r_half"] = r_half
+    row["fwd_factored_over_dense"] = med["fwd_factored_half"] / med["fwd_dense_work"]
     row["peak_mem"] = C.peak_rss(lambda: (aa.preactivations(X, S), aa.backproject(X, G)))
     row["x_bytes"] = X.nbytes
 
@@ -169,11 +203,29 @@ PIECE_COLUMNS = [
     ("t_gemm_fwd", "gemm_fwd", ".4f"),
     ("t_pair_contract", "pair_contract", ".4f"),
     ("t_fwd_glue", "fwd_rest", ".4f"),
+    ("adj_method", "adj_path", "s"),
     ("t_gemm_adj", "gemm_adj", ".4f"),
     ("t_mix_tokens", "mix_tokens", ".4f"),
+    ("t_sym_eig", "sym_eig", ".4f"),
+    ("t_pack_rows", "pack_rows", ".4f"),
+    ("t_syrk", "syrk", ".4f"),
     ("t_adj_glue", "adj_rest", ".4f"),
     ("t_core", "core_total", ".4f"),
     ("t_ours", "public_total", ".4f"),
+]
+
+
+PATH_COLUMNS = [
+    ("d", "d", "d"),
+    ("T", "T", "d"),
+    ("t_adj_gemm_path", "adj_gemm", ".4f"),
+    ("t_adj_syrk_path", "adj_syrk", ".4f"),
+    ("adj_syrk_over_gemm", "syrk/gemm", ".2f"),
+    ("adj_method", "auto", "s"),
+    ("r_half", "r", "d"),
+    ("t_fwd_dense_work", "fwd_dense", ".4f"),
+    ("t_fwd_factored_half", "fwd_factored", ".4f"),
+    ("fwd_factored_over_dense", "fact/dense", ".2f"),
 ]
 
 
@@ -238,6 +290,9 @@ def main(argv=None):
           "\nrest = core function minus its pieces - negative when the package's own blocking/buffering"
           "\navoids costs (page faults on fresh arrays) that the whole-array pieces pay")
     C.print_table(rows, PIECE_COLUMNS)
+    print("\nadjoint paths (with a work buffer; 'auto' = the one _backproject uses) and the factored"
+          "\nforward at rank r = d/2 against the dense forward (seconds, median)")
+    C.print_table(rows, PATH_COLUMNS)
 
     ok_a = all(r["ratio_a"] <= TARGET_A for r in rows)
     ok_b = all(r["ratio_b"] >= TARGET_B for r in rows if "ratio_b" in r)

@@ -136,7 +136,9 @@ def test_ce_derivative_kernel_matches_numpy(T, beta, seed):
     z = rng.standard_normal((n, n_pairs(T)))
     loss = CrossEntropyLoss(beta)
     v, g, H = ch._ce_derivs_numba(y, z, beta)
-    np.testing.assert_allclose(v, loss.value_z(y, z), rtol=1e-12, atol=1e-12 * beta)
+    v_numpy = ch._ce_value_z(y, z, beta)
+    np.testing.assert_allclose(v, v_numpy, rtol=1e-12, atol=1e-12 * beta)
+    np.testing.assert_allclose(loss.value_z(y, z), v_numpy, rtol=1e-12, atol=1e-12 * beta)
     np.testing.assert_allclose(g, loss.grad_z(y, z), rtol=0, atol=1e-12 * beta)
     np.testing.assert_allclose(H, loss.hess_z(y, z), rtol=0, atol=1e-12 * beta**2)
 
@@ -331,6 +333,64 @@ def test_jacobian_trace_mode_and_V_forms_agree():
     g5, dg5, info5 = cross_entropy_g_out(y, omega, Vd, 2.0)
     p6, g6, dg6, _, _ = ch._ce_prox_numpy(y, omega, Vd, 2.0)
     np.testing.assert_allclose(dg5, dg6, atol=1e-9)
+
+
+@pytest.mark.parametrize("T", [2, 3, 5])
+@pytest.mark.parametrize("Gkind", ["sample", "shared", "diag", "identity"])
+@pytest.mark.parametrize("v", [1e-3, 0.7, 30.0])
+def test_gram_g_out_matches_numpy_twin_jacobian(T, Gkind, v):
+    """GAMP's fused output step at V_mu = v Gamma_mu: g and a_mu = Tr(Gamma_mu dg_mu) equal the
+    NumPy twin's full Jacobian contracted with Gamma (and the generic path of the square loss)."""
+    rng = np.random.default_rng(100 + T)
+    n, K = 30, n_pairs(T)
+    y = softmax_targets(rng, n, T, 1.5)
+    omega = rng.standard_normal((n, K))
+    gamma = np.eye(K) if Gkind == "identity" else random_V(rng, n, K, Gkind)
+    gram = ch.GramVariance(gamma)
+    gamma_full = np.broadcast_to(gamma, (n, K, K))
+    loss = CrossEntropyLoss(1.5)
+    g, a, info = ch.gram_g_out(loss, y, omega, v, gram)
+    assert info["n_failed"] == 0 and a.shape == (n,)
+    p_np, g_np, dg_np, _, _ = ch._ce_prox_numpy(y, omega, v * np.asarray(gamma_full), 1.5)
+    np.testing.assert_allclose(info["p"], p_np, rtol=0, atol=1e-9)
+    np.testing.assert_allclose(g, g_np, rtol=0, atol=1e-9)
+    np.testing.assert_allclose(a, np.einsum("nkl,nkl->n", gamma_full, dg_np), rtol=1e-9, atol=1e-12)
+    # square loss goes through the generic g_out; dg = 2 (I + 2 v Gamma)^{-1}
+    g2, a2, _ = ch.gram_g_out(SquareLoss(), y, omega, v, gram)
+    dg_sq = 2.0 * np.linalg.inv(np.eye(K)[None] + 2.0 * v * gamma_full)
+    np.testing.assert_allclose(a2, np.einsum("nkl,nkl->n", gamma_full, dg_sq), rtol=1e-12)
+    np.testing.assert_allclose(g2, SquareLoss().g_out(y, omega, v * np.asarray(gamma_full))[0], atol=1e-12)
+
+
+def test_gram_g_out_zero_variance_and_validation():
+    rng = np.random.default_rng(8)
+    n, T = 10, 3
+    K = n_pairs(T)
+    y = softmax_targets(rng, n, T, 1.0)
+    omega = rng.standard_normal((n, K))
+    gamma = random_V(rng, n, K, "sample")
+    gram = ch.GramVariance(gamma)
+    loss = CrossEntropyLoss(1.0)
+    g, a, info = ch.gram_g_out(loss, y, omega, 0.0, gram)
+    np.testing.assert_allclose(g, -loss.grad_z(y, omega), atol=1e-12)
+    np.testing.assert_allclose(a, np.einsum("nkl,nkl->n", gamma, loss.hess_z(y, omega)), atol=1e-12)
+    # warm start reproduces the cold answer
+    g_w, a_w, _ = ch.gram_g_out(loss, y, omega, 0.5, gram, p0=ch.gram_g_out(loss, y, omega, 0.5, gram)[2]["p"])
+    g_c, a_c, _ = ch.gram_g_out(loss, y, omega, 0.5, gram)
+    np.testing.assert_allclose(g_w, g_c, atol=1e-10)
+    np.testing.assert_allclose(a_w, a_c, rtol=1e-10)
+    bad = gamma.copy()
+    bad[0] = -np.eye(K)
+    with pytest.raises(ValueError, match="positive definite"):
+        ch.GramVariance(bad)
+    with pytest.raises(ValueError, match="gamma"):
+        ch.GramVariance(np.ones((2, 3)))
+    with pytest.raises(ValueError, match="v"):
+        ch.gram_g_out(loss, y, omega, -1.0, gram)
+    with pytest.raises(ValueError, match="gram"):
+        ch.gram_g_out(loss, y, omega, 0.5, ch.GramVariance(random_V(rng, n + 1, K, "sample")))
+    with pytest.raises(ValueError, match="gram"):
+        ch.gram_g_out(loss, y, omega, 0.5, ch.GramVariance(np.eye(K + 1)))
 
 
 @pytest.mark.parametrize("loss,T", [(SquareLoss(), 1), (SquareLoss(), 3), (CrossEntropyLoss(2.0), 3)])

@@ -259,6 +259,7 @@ def test_result_fields_determinism_and_warm_start():
         a.objective = 0.0
     np.testing.assert_array_equal(a.S, b.S)  # same seed -> same result
     assert a.n_iter == a.history.size and a.n_iter > 0
+    assert a.times.shape == a.history.shape and np.all(np.diff(a.times) >= 0) and a.times[0] >= 0
     assert a.objective == pytest.approx(a.history[-1], rel=1e-12)
     assert np.all(np.diff(a.history) <= 1e-12 * abs(a.history[0]))  # L-BFGS-B is monotone
     assert a.objective == erm_objective(data.X, data.y, a.S, "cross_entropy", "nuclear", 0.01)
@@ -268,6 +269,7 @@ def test_result_fields_determinism_and_warm_start():
     assert c.converged and c.n_iter < a.n_iter
     assert rel(c.S, a.S) < 1e-6
     p = direct_erm(data.X, data.y, S0=a.S, method="prox")
+    assert p.times.shape == p.history.shape and np.all(np.diff(p.times) >= 0)
     assert p.converged and rel(p.S, a.S) < 1e-6
 
 

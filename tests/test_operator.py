@@ -178,3 +178,311 @@ def test_work_buffer_gives_identical_results(rng):
     work = np.full(X.shape, np.nan)  # stale content must not leak into the results
     np.testing.assert_array_equal(op._preactivations(X, S, work), op._preactivations(X, S))
     np.testing.assert_array_equal(op._backproject(X, G, work), op._backproject(X, G))
+
+
+# ------------------------------------------------------------------ adjoint by rank-k updates
+
+
+def special_symmetric(T, kind, rng):
+    """Symmetric T x T test matrices with awkward spectra."""
+    Q = np.linalg.qr(rng.standard_normal((T, T)))[0]
+    if kind == "random":
+        return random_symmetric(T, rng)
+    if kind == "zero":
+        return np.zeros((T, T))
+    if kind == "scaled_identity":
+        return -2.5 * np.eye(T)
+    if kind == "degenerate":  # two repeated eigenvalues, rotated
+        lam = np.where(np.arange(T) < T // 2, 1.0, -3.0)
+        return (Q * lam) @ Q.T
+    if kind == "near_degenerate":
+        lam = 1.0 + 1e-9 * np.arange(T)
+        return (Q * lam) @ Q.T
+    if kind == "rank_one":
+        v = rng.standard_normal(T)
+        return np.outer(v, v)
+    if kind == "diagonal":
+        return np.diag(rng.standard_normal(T))
+    if kind == "graded":  # entries spanning many orders of magnitude
+        lam = 10.0 ** rng.uniform(-12, 3, T) * rng.choice([-1.0, 1.0], T)
+        return (Q * lam) @ Q.T
+    if kind == "huge":
+        return 1e250 * random_symmetric(T, rng)
+    if kind == "tiny":
+        return 1e-250 * random_symmetric(T, rng)
+    raise ValueError(kind)
+
+
+def fro(A):
+    """Frobenius norm without overflow / underflow (the test matrices reach 1e+-250)."""
+    m = np.abs(A).max()
+    return 0.0 if m == 0 else m * np.linalg.norm(A / m)
+
+
+SPECIAL_KINDS = ["random", "zero", "scaled_identity", "degenerate", "near_degenerate", "rank_one",
+                 "diagonal", "graded", "huge", "tiny"]
+
+
+@pytest.mark.parametrize("T", range(1, 9))
+def test_jacobi_eig_matches_eigh_twin(T, rng):
+    """Jacobi kernel vs LAPACK eigh: reconstruction, orthogonality, sorted eigenvalues."""
+    G = np.stack([special_symmetric(T, k, rng) for k in SPECIAL_KINDS for _ in range(3)])
+    # a non-symmetric input: only its symmetric part may matter
+    skew = rng.standard_normal((T, T))
+    G = np.concatenate([G, (random_symmetric(T, rng) + skew - skew.T)[None]])
+    lam, V = op._sym_eig(G)
+    lam_ref, V_ref = op._sym_eig_numpy(G)
+    Gs = 0.5 * (G + np.swapaxes(G, 1, 2))
+    assert lam.shape == (len(G), T) and V.shape == (len(G), T, T)
+    for mu in range(len(G)):
+        nrm = fro(Gs[mu])
+        rec = (V[mu] * lam[mu]) @ V[mu].T
+        assert fro(rec - Gs[mu]) <= 1e-13 * nrm
+        np.testing.assert_allclose(V[mu].T @ V[mu], np.eye(T), rtol=0, atol=1e-13)
+        np.testing.assert_allclose(np.sort(lam[mu]), lam_ref[mu], rtol=0, atol=1e-13 * nrm)
+    # the twin's own reconstruction (guards the twin)
+    for mu in range(len(G)):
+        assert fro((V_ref[mu] * lam_ref[mu]) @ V_ref[mu].T - Gs[mu]) <= 1e-13 * fro(Gs[mu])
+    zero = [i for i, k in enumerate(SPECIAL_KINDS) if k == "zero"][0] * 3
+    np.testing.assert_array_equal(lam[zero], 0.0)
+    np.testing.assert_array_equal(V[zero], np.eye(T))
+
+
+@pytest.mark.parametrize("T", [1, 3, 8])
+def test_jacobi_eig_is_independent_of_lane_blocking(T, rng):
+    """Samples run in SIMD lock-step; a converged lane is frozen, so a sample's result must not
+    depend on how many samples share its block (or on which)."""
+    G = rng.standard_normal((37, T, T))
+    G[5] = 0.0
+    G[6] = np.diag(np.arange(T, dtype=float))  # already diagonal: 0 sweeps, next to busy lanes
+    ref = op._sym_eig_kernel(G, 1, op._JACOBI_MAX_SWEEPS)
+    for lanes in (3, 8, 32, 64):
+        out = op._sym_eig_kernel(G, lanes, op._JACOBI_MAX_SWEEPS)
+        np.testing.assert_array_equal(out[0], ref[0])
+        np.testing.assert_array_equal(out[1], ref[1])
+
+
+def test_jacobi_eig_nonfinite_input_terminates_with_nan(rng):
+    T = 4
+    G = rng.standard_normal((6, T, T))
+    G[1, 0, 2] = np.nan
+    G[3, 1, 1] = np.inf
+    G[4, 3, 0] = -np.inf
+    lam, V = op._sym_eig(G)
+    for mu in (1, 3, 4):
+        assert np.all(np.isnan(lam[mu])) and np.all(np.isnan(V[mu]))
+    good = [0, 2, 5]
+    lam_ref = op._sym_eig_numpy(G[good])[0]
+    np.testing.assert_allclose(np.sort(lam[good], axis=1), lam_ref, atol=1e-13 * np.abs(lam_ref).max())
+    X = rng.standard_normal((6, T, 5))
+    assert np.all(np.isnan(op._backproject_syrk(X, G)))
+    # the sweep cap bounds the work even if convergence were never reached
+    lam0, V0 = op._sym_eig_kernel(G[good], 8, 0)
+    np.testing.assert_array_equal(V0, np.broadcast_to(np.eye(T), V0.shape))
+    np.testing.assert_array_equal(lam0, 0.5 * np.diagonal(G[good] + np.swapaxes(G[good], 1, 2), axis1=1, axis2=2))
+
+
+def test_eig_row_offsets_equal_numpy_twin(rng):
+    lam = rng.standard_normal((50, 5))
+    lam[rng.random(lam.shape) < 0.2] = 0.0
+    lam[3] = 0.0
+    lam[7] = np.abs(lam[7]) + 1
+    lam[9] = -np.abs(lam[9]) - 1
+    lam[11, 2] = np.nan
+    got = op._eig_row_offsets(lam)
+    ref = op._eig_row_offsets_numpy(lam)
+    for g, r in zip(got, ref):
+        np.testing.assert_array_equal(g, r)
+    n_pos, n_neg = got[2], got[3]
+    assert n_pos == np.sum(lam > 0) + 1 and n_neg == np.sum(lam < 0)  # the NaN counts as positive
+
+
+@pytest.mark.parametrize("T", range(1, 9))
+def test_pack_eig_rows_equal_numpy_twin(T, rng):
+    n, d = 13, 6
+    X = rng.standard_normal((n, T, d))
+    lam, V = op._sym_eig_numpy(rng.standard_normal((n, T, T)))
+    lam = lam.copy()
+    lam[rng.random(lam.shape) < 0.25] = 0.0  # dropped rows
+    lam[2] = np.abs(lam[2])  # a sample without negative rows
+    lam[4] = -np.abs(lam[4])  # a sample without positive rows
+    pos_start, neg_start, n_pos, n_neg = op._eig_row_offsets(lam)
+    W = np.full((n * T, d), np.nan)
+    op._pack_eig_rows(X, lam, V, pos_start, neg_start, W)
+    P, N = op._pack_eig_rows_numpy(X, lam, V)
+    assert P.shape == (n_pos, d) and N.shape == (n_neg, d)
+    np.testing.assert_allclose(W[:n_pos], P, rtol=0, atol=1e-13 * max(1.0, np.abs(P).max(initial=0)))
+    np.testing.assert_allclose(W[n * T - n_neg:], N, rtol=0, atol=1e-13 * max(1.0, np.abs(N).max(initial=0)))
+    assert np.all(np.isnan(W[n_pos:n * T - n_neg]))  # rows of zero eigenvalues are not written
+
+
+def test_syrk_difference_is_exact_symmetric_and_copies_nothing(rng):
+    import tracemalloc
+
+    d = 7
+    W = rng.standard_normal((30000, d))
+    for p, m in ((17000, 13000), (30000, 0), (0, 30000), (0, 0), (1, 1)):
+        P, N = W[:p], W[W.shape[0] - m:]
+        M = op._syrk_difference(P, N)
+        np.testing.assert_allclose(M, P.T @ P - N.T @ N, rtol=0, atol=1e-11 * max(1, p + m))
+        np.testing.assert_array_equal(M, M.T)
+        assert M.flags.c_contiguous and M.shape == (d, d)
+    P, N = W[:17000], W[17000:]
+    op._syrk_difference(P, N)
+    tracemalloc.start()
+    op._syrk_difference(P, N)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < P.nbytes / 20, f"dsyrk copied its input ({peak} bytes allocated)"
+
+
+def naive_backproject(X, G):
+    M = np.einsum("nab,nabij->ij", G, naive_sensing(X))
+    return (M + M.T) / 2
+
+
+def make_G(n, T, kind, rng):
+    """G with a chosen sign structure of its symmetric part (G itself is not symmetric)."""
+    A = rng.standard_normal((n, T, T))
+    skew = rng.standard_normal((n, T, T))
+    skew = skew - np.swapaxes(skew, 1, 2)
+    if kind == "random":
+        return A
+    if kind == "positive":  # Gs positive definite
+        return A @ np.swapaxes(A, 1, 2) + 0.1 * np.eye(T) + skew
+    if kind == "negative":
+        return -(A @ np.swapaxes(A, 1, 2) + 0.1 * np.eye(T)) + skew
+    if kind == "zero":
+        return np.zeros((n, T, T))
+    if kind == "skew":  # symmetric part exactly zero
+        return skew
+    if kind == "psd_rank_one":  # many zero eigenvalues
+        v = rng.standard_normal((n, T, 1))
+        return v @ np.swapaxes(v, 1, 2)
+    raise ValueError(kind)
+
+
+G_KINDS = ["random", "positive", "negative", "zero", "skew", "psd_rank_one"]
+
+
+@given(st.tuples(st.integers(1, 12), st.integers(1, 8), st.integers(1, 14), st.sampled_from(G_KINDS),
+                 st.integers(0, 2**31)))
+def test_backproject_syrk_equals_gemm_path_and_einsum_twin(args):
+    n, T, d, kind, seed = args
+    rng = np.random.default_rng(seed)
+    X = rng.standard_normal((n, T, d))
+    G = make_G(n, T, kind, rng)
+    M = op._backproject_syrk(X, G)
+    M_naive = naive_backproject(X, G)
+    scale = max(1.0, np.abs(M_naive).max())
+    np.testing.assert_allclose(M, M_naive, rtol=0, atol=1e-12 * scale)
+    np.testing.assert_allclose(M, op._backproject_gemm(X, G), rtol=0, atol=1e-12 * scale)
+    np.testing.assert_array_equal(M, M.T)
+    assert M.flags.c_contiguous
+    if kind in ("zero", "skew"):  # Gs = 0 and Tr G = 0: nothing at all
+        np.testing.assert_array_equal(M, 0.0)
+
+
+@pytest.mark.parametrize("kind", ["positive", "negative", "psd_rank_one", "zero"])
+@pytest.mark.parametrize("T", [1, 2, 5, 8])
+def test_backproject_syrk_one_sided_spectra(kind, T, rng):
+    """Only positive / only negative / no eigenvalues: one or both syrk blocks are empty."""
+    n, d = 9, 5
+    X = rng.standard_normal((n, T, d))
+    G = make_G(n, T, kind, rng)
+    _, _, n_pos, n_neg = op._eig_row_offsets(op._sym_eig(G)[0])
+    # (rank one: the T - 1 zero eigenvalues come out as +-eps-sized rows of either sign)
+    expected = {"positive": (n * T, 0), "negative": (0, n * T), "zero": (0, 0)}.get(kind)
+    if expected is not None:
+        assert (n_pos, n_neg) == expected
+    M = op._backproject_syrk(X, G)
+    np.testing.assert_allclose(M, naive_backproject(X, G), rtol=0, atol=1e-12 * max(1.0, np.abs(M).max()))
+
+
+def test_backproject_dispatch_and_edge_shapes(rng):
+    # d = 1, n = 1, T = 1
+    for n, T, d in ((1, 1, 1), (1, 8, 1), (3, 1, 1), (1, 3, 9)):
+        X = rng.standard_normal((n, T, d))
+        G = rng.standard_normal((n, T, T))
+        M_naive = naive_backproject(X, G)
+        for method in ("auto", "syrk", "gemm"):
+            np.testing.assert_allclose(op._backproject(X, G, method=method), M_naive,
+                                       atol=1e-13 * max(1, np.abs(M_naive).max()))
+    # auto picks syrk at large d, gemm at small d (the two agree only to rounding)
+    X = rng.standard_normal((30, 2, op._SYRK_MIN_D + 2 * op._SYRK_MIN_D_PER_T))
+    G = rng.standard_normal((30, 2, 2))
+    np.testing.assert_array_equal(aa.backproject(X, G), op._backproject_syrk(X, G))
+    Xs = X[:, :, :10]
+    np.testing.assert_array_equal(aa.backproject(Xs, G), op._backproject_gemm(Xs, G))
+    with pytest.raises(ValueError, match="method"):
+        op._backproject(X, G, method="lu")
+
+
+# ------------------------------------------------------------------ factored forward
+
+
+def random_factor(d, r, rng, signs=True):
+    F = rng.standard_normal((d, r))
+    sigma = rng.choice([-1.0, 1.0], r) if signs else rng.standard_normal(r)
+    return F, sigma
+
+
+@given(st.tuples(st.integers(1, 10), st.integers(1, 8), st.integers(1, 12), st.integers(0, 14),
+                 st.booleans(), st.integers(0, 2**31)))
+def test_factored_forward_equals_einsum_twin_and_dense_forward(args):
+    n, T, d, r, signs, seed = args
+    r = min(r, d + 2)  # r in 0..d+2
+    rng = np.random.default_rng(seed)
+    X = rng.standard_normal((n, T, d))
+    F, sigma = random_factor(d, r, rng, signs)
+    S = (F * sigma) @ F.T
+    H = op._preactivations_factored(X, F, sigma)
+    H_naive = np.einsum("nabij,ij->nab", naive_sensing(X), S)
+    scale = max(1.0, np.abs(H_naive).max())
+    assert H.shape == (n, T, T)
+    np.testing.assert_allclose(H, H_naive, rtol=0, atol=1e-12 * scale)
+    np.testing.assert_allclose(H, op._preactivations(X, S), rtol=0, atol=1e-12 * scale)
+    np.testing.assert_array_equal(H, np.swapaxes(H, 1, 2))
+    z = op._forward_whitened_factored(X, F, sigma)
+    ia, ib, c = pair_indices(T)
+    np.testing.assert_allclose(z, H_naive[:, ia, ib] / c, rtol=0, atol=1e-12 * scale)
+
+
+def test_factored_forward_rank_zero_and_layouts(rng):
+    X = rng.standard_normal((5, 3, 6))
+    H = op._preactivations_factored(X, np.zeros((6, 0)), np.zeros(0))
+    np.testing.assert_array_equal(H, 0.0)
+    # non-contiguous factor (a slice of an eigenbasis, as a denoiser returns) and integer signs
+    U = np.linalg.qr(rng.standard_normal((6, 6)))[0]
+    F = U[:, 2:5] * 1.5
+    sigma = np.array([1, -1, 1])
+    S = (F * sigma) @ F.T
+    np.testing.assert_allclose(op._preactivations_factored(X, F, sigma), op._preactivations(X, S), atol=1e-13)
+
+
+@pytest.mark.parametrize("T", [1, 2, 5, 8])
+def test_pair_contract_weighted_equals_numpy_twin(T, rng):
+    for r in (0, 1, 7):
+        Y = rng.standard_normal((6, T, r))
+        sigma = rng.standard_normal(r)
+        np.testing.assert_allclose(op._pair_contract_weighted(Y, sigma),
+                                   op._pair_contract_weighted_numpy(Y, sigma), rtol=0, atol=1e-13)
+
+
+def test_work_buffer_gives_identical_results_new_paths(rng):
+    n, T, d = 11, 3, 7
+    X = rng.standard_normal((n, T, d))
+    work = np.full(X.shape, np.nan)
+    for kind in G_KINDS:
+        G = make_G(n, T, kind, rng)
+        ref = op._backproject_syrk(X, G)
+        np.testing.assert_array_equal(op._backproject_syrk(X, G, work), ref)
+        np.testing.assert_array_equal(op._backproject(X, G, work, method="syrk"), ref)
+        work[:] = np.nan
+    for r in (0, 1, d - 1, d, d + 3):  # r > d: the buffer is too small and is not used
+        F, sigma = random_factor(d, r, rng)
+        np.testing.assert_array_equal(op._preactivations_factored(X, F, sigma, work),
+                                      op._preactivations_factored(X, F, sigma))
+        np.testing.assert_array_equal(op._forward_whitened_factored(X, F, sigma, work),
+                                      op._forward_whitened_factored(X, F, sigma))
+        work[:] = np.inf
