@@ -14,6 +14,18 @@ meant to be read side by side.
 
 At a fixed point ``p = A(S)`` and ``A*(grad l(A S)) + d reg(S) = 0``: the fixed point is the ERM
 minimiser of section 4 whatever the variances, which is what tests/test_fixed_point.py checks.
+
+How the steps are computed (the equations are unchanged; tests/test_amp.py compares the iterates
+with a plain transcription that materialises the sensing matrices):
+
+- steps 2-3: ``Gamma_mu`` is validated and Cholesky-factored once per run
+  (:class:`~amp_attention.channels.GramVariance`); :func:`~amp_attention.channels.gram_g_out`
+  returns ``g`` and ``Tr(Gamma_mu dg_mu)`` (the cross-entropy kernel never forms the
+  ``(n, K, K)`` Jacobian), warm-started at the previous prox;
+- step 4: the adjoint by symmetric rank-k updates (``operator._backproject``);
+- step 5 -> next step 1: a nuclear denoiser also returns ``S^{t+1} = F F^T`` with ``F (d, r)``,
+  and the forward map is applied through F (``2 n T d r`` flops instead of ``2 n T d^2``) when
+  ``r < d`` and no damping mixes iterates.
 """
 
 from __future__ import annotations

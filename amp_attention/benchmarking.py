@@ -43,6 +43,7 @@ def amp_iteration_ratios(d: int, T: int, alpha: float, loss: str = "cross_entrop
     the floor, measured in the same run, plus the time of the output side alone."""
     import amp_attention as aa
     from amp_attention.amp import gamp, make_denoiser, make_loss
+    from amp_attention.channels import GramVariance, gram_g_out
     from amp_attention.operator import _forward_whitened, sample_gram
 
     rng = np.random.default_rng(seed)
@@ -53,11 +54,10 @@ def amp_iteration_ratios(d: int, T: int, alpha: float, loss: str = "cross_entrop
     warm = 3
     res = gamp(data.X, data.y, loss_obj, den, max_iter=warm + repeats, tol=0)
     t_iter = float(np.median(res.history["time"][warm:]))
-    # the output side alone, at the final state
-    Gamma = sample_gram(data.X)
+    # the output side alone (as GAMP calls it: Gamma factored once, Jacobian traces), at the final state
+    gram = GramVariance(sample_gram(data.X))
     z = _forward_whitened(data.X, res.S)
-    Vmu = np.ascontiguousarray(res.V * Gamma)
-    t_g_out = best_time(lambda: loss_obj.g_out(data.y, z, Vmu), repeats)
+    t_g_out = best_time(lambda: gram_g_out(loss_obj, data.y, z, res.V, gram), repeats)
     fl = floor_time(n, T, d, repeats, seed)
     return {"d": d, "T": T, "n": n, "alpha": alpha, "loss": loss, "reg": reg, "t_iter": t_iter,
             "t_g_out": t_g_out, **fl, "ratio_floor": t_iter / fl["t_floor"]}

@@ -42,15 +42,30 @@ left unchanged by the prox (``u^T p = u^T omega``) only when ``u`` is an eigenve
 
 Implementation: the square loss is closed form (vectorised NumPy).  The cross-entropy prox is a
 damped Newton method, run per sample in the Numba kernel ``_ce_prox_kernel`` (parallel over
-samples); ``_ce_prox_numpy`` is an independently written, vectorised NumPy twin used by the tests.
-The damping is a line search on the (convex) prox objective along the Newton direction, driven by
-its directional derivatives rather than Armijo backtracking on values: at large beta the values
-cancel catastrophically, and Armijo backtracking needed 2-10x more Newton steps (up to 300 at
-beta = 1e4, T = 8, versus <= 45).  Typical counts: 3-6 steps at beta = 1, ~10 at beta = 10.
-The Hessian is assembled so that saturated softmax rows stay PSD to relative precision; the solver
-is reliable up to about ``beta^2 ||V|| ~ 1e12`` (tested at beta = 1e4); far beyond (e.g. beta = 1e6,
-V = 1e4) rounding limits convergence and the affected samples are reported as failed in ``info``
-(their outputs stay finite).
+samples, compiled separately for each T so that all per-sample loops have fixed lengths);
+``_ce_prox_numpy`` is an independently written, vectorised NumPy twin used by the tests.  Each
+Newton step solves ``(V^{-1} + H) dz = -(grad_l + V^{-1}(z - omega))`` with one K x K Cholesky
+factorisation and two triangular solves; ``V^{-1}`` is formed once per call (for GAMP once per
+run: ``GramVariance.inv``, scaled by ``1/v``).  ``H u = 0`` along the flat direction is harmless
+(``V^{-1} + H >= V^{-1}``); when ``beta^2 ||V||`` nears 1/eps and rounding of H makes the matrix
+numerically indefinite, the factorisation is retried with a relative diagonal shift at the
+rounding level.  The damping is a line search on the (convex) prox objective along the Newton
+direction, driven by its directional derivatives rather than Armijo backtracking on values: at
+large beta the values cancel catastrophically, and Armijo backtracking needed 2-10x more Newton
+steps (up to 300 at beta = 1e4, T = 8, versus <= 45).  Typical counts: 3-6 steps at beta = 1, ~10
+at beta = 10.  The Hessian is assembled so that saturated softmax rows stay PSD to relative
+precision; the solver is reliable up to about ``beta^2 ||V|| ~ 1e12`` (tested at beta = 1e4); far
+beyond (e.g. beta = 1e6, V = 1e4) rounding limits convergence and the affected samples are
+reported as failed in ``info`` (their outputs stay finite).
+
+Jacobians: GAMP (and the scalar-``V`` trace mode) needs only ``Tr(V dg) = Tr(N^{-1} H)`` with
+``N = V^{-1} + H`` at the solution.  It is computed from the Cholesky factor ``N = C C^T`` as
+``sum_k x_k^T H x_k`` over the rows ``x_k`` of ``C^{-1}``, each term evaluated as a curvature of
+the loss (a sum of softmax variances, >= 0): no cancellation, relative accuracy per sample even
+for traces that underflow, and ~1e-11 relative error at beta = 1e4, V = 1e2, T = 8 (1e-8 with
+the earlier ``Tr((I + L^T H L)^{-1} L^T H L)``).  The full Jacobian ``dg = H (I + V H)^{-1}``
+(and its trace for a matrix ``V``) uses the symmetric form ``dg = L^{-T} B (I + B)^{-1} L^{-1}``,
+``B = L^T H L``, ``V = L L^T``.
 """
 
 from __future__ import annotations
@@ -166,16 +181,38 @@ def _prepare_V(V, n: int, K: int):
     return Vs, np.ascontiguousarray(L)
 
 
+def _is_positive_scalar(V) -> bool:
+    """True for a finite scalar ``V > 0`` (not bool), given as a number or a 0-d array."""
+    if isinstance(V, (bool, np.bool_)):
+        return False
+    zero_dim = isinstance(V, np.ndarray) and V.ndim == 0 and V.dtype.kind in "iuf"
+    if isinstance(V, numbers.Real) or zero_dim:
+        v = float(V)
+        return np.isfinite(v) and v > 0
+    return False
+
+
+def _inverse_from_cholesky(L: np.ndarray) -> np.ndarray:
+    """``V^{-1} = L^{-T} L^{-1}`` for a stack ``L (nV, K, K)`` of lower Cholesky factors,
+    symmetrised (contiguous ``(nV, K, K)``)."""
+    K = L.shape[-1]
+    Linv = np.linalg.solve(L, np.broadcast_to(np.eye(K), L.shape))
+    W = np.swapaxes(Linv, 1, 2) @ Linv
+    return np.ascontiguousarray(0.5 * (W + np.swapaxes(W, 1, 2)))
+
+
 class GramVariance:
-    """Per-sample variance shapes ``Gamma (n, K, K)`` (or one shared ``(K, K)``), validated and
-    Cholesky-factored once, for GAMP's variances ``V_mu = v Gamma_mu`` (DESIGN.md section 5).
+    """Per-sample variance shapes ``Gamma (n, K, K)`` (or one shared ``(K, K)``), validated,
+    Cholesky-factored and inverted once, for GAMP's variances ``V_mu = v Gamma_mu`` (DESIGN.md
+    section 5).
 
     Across GAMP iterations only the scalar ``v`` changes; :func:`gram_g_out` evaluates ``g_out`` at
-    ``v * Gamma`` without re-validating or re-factoring ``n`` matrices per iteration.
+    ``v * Gamma`` without re-validating or re-factoring ``n`` matrices per iteration (the
+    cross-entropy Newton solver works with ``V_mu^{-1} = Gamma_mu^{-1} / v``).
 
-    Attributes: ``gamma`` and ``chol`` (nV, K, K) with nV in {1, n} (``chol`` lower Cholesky
-    factor), ``diag`` (every Gamma diagonal).  Raises ValueError if Gamma is not symmetric
-    positive definite.
+    Attributes: ``gamma``, ``chol`` and ``inv`` (nV, K, K) with nV in {1, n} (``chol`` lower
+    Cholesky factor, ``inv = Gamma^{-1}`` symmetrised), ``diag`` (every Gamma diagonal).  Raises
+    ValueError if Gamma is not symmetric positive definite.
     """
 
     def __init__(self, gamma):
@@ -185,6 +222,7 @@ class GramVariance:
         n = arr.shape[0] if arr.ndim == 3 else 1
         K = arr.shape[-1]
         self.gamma, self.chol = _prepare_V(arr, n, K)
+        self.inv = _inverse_from_cholesky(self.chol)
         self.diag = bool(np.all(self.gamma[:, ~np.eye(K, dtype=bool)] == 0.0))
 
     @property
@@ -486,27 +524,58 @@ def _ce_prox_numpy(y, omega, V, beta, p0=None, tol=_DEFAULT_TOL, max_newton=_DEF
 
 
 @njit(cache=True, inline="always")
-def _ce_softmax_rows(z, beta, kidx, cc, brow, S):
+def _ce_softmax_rows(z, beta, kidx, cc, ebuf, S, want_lse):
     """Row softmaxes ``S[a, :] = softmax_b(beta h_ab)`` of one sample at ``z`` (stable).
 
-    Returns ``sum_a logsumexp_b(beta h_ab)``.  ``brow``: (T,) workspace, ``S``: (T, T)."""
+    Returns ``sum_a logsumexp_b(beta h_ab)`` if ``want_lse`` (else 0.0: the Newton solver needs
+    only ``S``).  ``ebuf``: (K,) workspace (K >= T), ``S``: (T, T).
+
+    When ``beta max_k |z_k| <= 200`` (so ``|beta h| <= 200 sqrt(2)``), ``exp(beta h)`` can neither
+    overflow nor underflow: one exponential per distinct entry (K instead of T^2), no max shift.
+    Otherwise each row is shifted by its maximum.  Both give the same relative accuracy (the
+    rounding of the argument ``beta h`` dominates either way), and in both a saturated row gives
+    exactly 1.0 for its dominant entry (exact row sums keep the softmax variances, hence the
+    curvatures and the Jacobian trace, accurate relative to tiny probabilities).
+    """
     T = S.shape[0]
+    K = z.shape[0]
+    zmax = 0.0
+    for k in range(K):
+        if abs(z[k]) > zmax:
+            zmax = abs(z[k])
     lse = 0.0
+    if beta * zmax <= 200.0:
+        for a in range(T):
+            ebuf[kidx[a, a]] = np.exp(beta * (cc[a, a] * z[kidx[a, a]]))
+            for b in range(a + 1, T):
+                ebuf[kidx[a, b]] = np.exp(beta * (cc[a, b] * z[kidx[a, b]]))
+        for a in range(T):
+            ssum = 0.0
+            for b in range(T):
+                e = ebuf[kidx[a, b]]
+                S[a, b] = e
+                ssum += e
+            for b in range(T):
+                S[a, b] = S[a, b] / ssum  # (not * (1/ssum): a dominant entry must give 1.0)
+            if want_lse:
+                lse += np.log(ssum)
+        return lse
     for a in range(T):
         mx = -np.inf
         for b in range(T):
             bh = beta * (cc[a, b] * z[kidx[a, b]])
-            brow[b] = bh
+            ebuf[b] = bh
             if bh > mx:
                 mx = bh
         ssum = 0.0
         for b in range(T):
-            e = np.exp(brow[b] - mx)
+            e = np.exp(ebuf[b] - mx)
             S[a, b] = e
             ssum += e
         for b in range(T):
             S[a, b] = S[a, b] / ssum
-        lse += mx + np.log(ssum)
+        if want_lse:
+            lse += mx + np.log(ssum)
     return lse
 
 
@@ -541,8 +610,8 @@ def _ce_derivs_from_softmax(yi, beta, kidx, cc, S, grad, hess):
 def _ce_line_derivs(yi, zt, dz, beta, kidx, cc, brow, S):
     """First and second derivative of the loss at ``zt`` along ``dz`` (one sample); leaves the
     row softmaxes at ``zt`` in ``S`` (reused by the next Newton iteration)."""
-    T = yi.shape[0]
-    _ce_softmax_rows(zt, beta, kidx, cc, brow, S)
+    T = S.shape[0]
+    _ce_softmax_rows(zt, beta, kidx, cc, brow, S, False)
     d1 = 0.0
     d2 = 0.0
     for a in range(T):
@@ -561,9 +630,12 @@ def _ce_line_derivs(yi, zt, dz, beta, kidx, cc, brow, S):
     return d1, d2
 
 
-@njit(cache=True)
-def _cholesky_inplace(A):
-    """Lower Cholesky factor of SPD ``A`` in place (upper part zeroed). Returns success."""
+@njit(cache=True, inline="always")
+def _cholesky_recip(A, dinv):
+    """Lower Cholesky factor of SPD ``A`` in place; only the lower triangle of ``A`` is read and
+    written (the strict upper triangle is left as is and never referenced).  Also stores
+    ``dinv = 1 / diag(factor)`` and divides by multiplying with it (shorter dependency chains).
+    Returns success."""
     K = A.shape[0]
     for j in range(K):
         s = A[j, j]
@@ -573,14 +645,36 @@ def _cholesky_inplace(A):
             return False
         d = np.sqrt(s)
         A[j, j] = d
+        r = 1.0 / d
+        dinv[j] = r
         for i in range(j + 1, K):
             s = A[i, j]
             for m in range(j):
                 s -= A[i, m] * A[j, m]
-            A[i, j] = s / d
-        for i in range(j):
-            A[i, j] = 0.0
+            A[i, j] = s * r
     return True
+
+
+@njit(cache=True, inline="always")
+def _cholesky_inplace(A):
+    """:func:`_cholesky_recip` without keeping the reciprocal pivots.  Returns success."""
+    return _cholesky_recip(A, np.empty(A.shape[0]))
+
+
+@njit(cache=True, inline="always")
+def _chol_solve(C, dinv, b, tmp, out):
+    """Solve ``C C^T out = b`` with the factor of :func:`_cholesky_recip` (``tmp``: workspace)."""
+    K = C.shape[0]
+    for i in range(K):
+        s = b[i]
+        for m in range(i):
+            s -= C[i, m] * tmp[m]
+        tmp[i] = s * dinv[i]
+    for i in range(K - 1, -1, -1):
+        s = tmp[i]
+        for m in range(i + 1, K):
+            s -= C[m, i] * out[m]
+        out[i] = s * dinv[i]
 
 
 @njit(cache=True, inline="always")
@@ -608,34 +702,6 @@ def _backward(L, diag, b, out):
 
 
 @njit(cache=True, inline="always")
-def _mul_L(L, diag, w, out):
-    """``out = L w``."""
-    K = L.shape[0]
-    for i in range(K):
-        if diag:
-            out[i] = L[i, i] * w[i]
-        else:
-            s = 0.0
-            for m in range(i + 1):
-                s += L[i, m] * w[m]
-            out[i] = s
-
-
-@njit(cache=True, inline="always")
-def _mul_LT(L, diag, g, out):
-    """``out = L^T g``."""
-    K = L.shape[0]
-    for i in range(K):
-        if diag:
-            out[i] = L[i, i] * g[i]
-        else:
-            s = 0.0
-            for m in range(i, K):
-                s += L[m, i] * g[m]
-            out[i] = s
-
-
-@njit(cache=True)
 def _build_newton_matrix(Li, diag, hess, HL, B):
     """``B = L^T H L`` (symmetric PSD); ``HL`` is workspace."""
     K = Li.shape[0]
@@ -661,13 +727,21 @@ def _build_newton_matrix(Li, diag, hess, HL, B):
                 B[j, i] = s
 
 
-@njit(cache=True)
+# Diagonal shifts of the Newton-matrix safeguard: a factorisation that fails is retried with the
+# diagonal raised by 64, 1024, 16384, 262144 eps (at most ~6e-11), relative to the largest diagonal
+# entry of B for ``I + B`` and to each diagonal entry of ``V^{-1} + H``.
+_SHIFT_BASE = 64.0 * 2.220446049250313e-16
+_SHIFT_GROWTH = 16.0
+_SHIFT_ATTEMPTS = 5
+
+
+@njit(cache=True, inline="always")
 def _factor_newton_matrix(B, M):
     """Cholesky factor of ``M = I + B`` into ``M`` (lower).  Returns success.
 
     ``M >= I`` in exact arithmetic, but when ``||B||`` reaches ~1/eps (beta^2 ||V|| ~ 1e16) the
     rounding of ``B`` along the flat direction can make it numerically indefinite; then a shift of
-    the diagonal at the rounding level of ``B`` is added (at most 1e-12 ||B||) and the
+    the diagonal at the rounding level of ``B`` is added (at most ~6e-11 ||B||) and the
     factorisation retried.
     """
     K = B.shape[0]
@@ -676,14 +750,44 @@ def _factor_newton_matrix(B, M):
         if abs(B[i, i]) > bmax:
             bmax = abs(B[i, i])
     shift = 0.0
-    for attempt in range(5):
+    for attempt in range(_SHIFT_ATTEMPTS):
         for i in range(K):
-            for j in range(K):
+            for j in range(i + 1):
                 M[i, j] = B[i, j]
             M[i, i] += 1.0 + shift
         if _cholesky_inplace(M):
             return True
-        shift = (16.0**attempt) * 64.0 * 2.220446049250313e-16 * bmax
+        shift = (_SHIFT_GROWTH**attempt) * _SHIFT_BASE * bmax
+    return False
+
+
+@njit(cache=True, inline="always")
+def _factor_prox_matrix(Wj, wscale, diag, hess, C, dinv):
+    """Cholesky factor of the Newton matrix ``N = V^{-1} + H``, ``V^{-1} = wscale * Wj``, into
+    ``C`` (lower; the strict upper triangle is not referenced) and ``dinv = 1/diag(C)``; only the
+    diagonal of ``Wj`` is read if ``diag``.  Returns success.
+
+    ``N >= V^{-1} > 0`` in exact arithmetic, but once ``beta^2 ||V||`` approaches 1/eps the
+    rounding of ``H`` (entries ~ beta^2) swamps ``V^{-1}`` along the flat direction (``H u = 0``)
+    and ``N`` can be numerically indefinite.  Then the diagonal is raised by a relative
+    ``64 eps, 16 x 64 eps, ...`` (at most ~6e-11 of each diagonal entry; a scale-invariant shift,
+    equivalent to the shift of ``I + L^T H L`` in :func:`_factor_newton_matrix`) and the
+    factorisation retried.  The shift only shortens the Newton step; the fixed point is unchanged.
+    """
+    K = hess.shape[0]
+    fac = 1.0
+    for attempt in range(_SHIFT_ATTEMPTS):
+        for i in range(K):
+            if not diag:
+                for j in range(i):
+                    C[i, j] = hess[i, j] + wscale * Wj[i, j]
+            else:
+                for j in range(i):
+                    C[i, j] = hess[i, j]
+            C[i, i] = (hess[i, i] + wscale * Wj[i, i]) * fac
+        if _cholesky_recip(C, dinv):
+            return True
+        fac = 1.0 + (_SHIFT_GROWTH**attempt) * _SHIFT_BASE
     return False
 
 
@@ -691,13 +795,13 @@ def _factor_newton_matrix(B, M):
 def _line_search(yi, z, dz, uw, ww, d0, beta, kidx, cc, zt, brow, S):
     """Step length along the Newton direction ``dz`` (one sample).
 
-    ``phi(t) = l(z + t dz) + 1/2 ||u + t w||^2`` with ``u = L^{-1}(z - omega)``, ``dz = L w``
-    (``uw = u.w``, ``ww = w.w``, ``d0 = phi'(0) < 0``).  ``phi`` is convex, so the minimiser is
-    bracketed and approached by safeguarded Newton on ``phi'`` (second derivatives are cheap
-    along a line).  A step is accepted when ``|phi'(t)| <= eta |phi'(0)|`` (``eta = 0.1``) and
-    ``phi(t) < phi(0)`` is guaranteed: ``phi'(t) <= 0`` (left of the minimiser), or
-    ``phi'(t) < t ww / 2`` (``phi'' >= ww`` along the line).  The full Newton step ``t = 1`` is
-    tried first.
+    ``phi(t) = l(z + t dz) + 1/2 (z - omega + t dz)^T V^{-1} (z - omega + t dz)``, with
+    ``uw = (z - omega)^T V^{-1} dz``, ``ww = dz^T V^{-1} dz`` and ``d0 = phi'(0) < 0``.  ``phi``
+    is convex, so the minimiser is bracketed and approached by safeguarded Newton on ``phi'``
+    (second derivatives are cheap along a line).  A step is accepted when
+    ``|phi'(t)| <= eta |phi'(0)|`` (``eta = 0.1``) and ``phi(t) < phi(0)`` is guaranteed:
+    ``phi'(t) <= 0`` (left of the minimiser), or ``phi'(t) < t ww / 2`` (``phi'' >= ww`` along
+    the line).  The full Newton step ``t = 1`` is tried first.
     Uses only derivatives, which stay accurate at large beta where values of ``phi`` cancel.
     Returns ``(t, fresh)``: ``t > 0`` (0.0 on failure) and whether ``S`` holds the row softmaxes
     at ``z + t dz``.
@@ -750,23 +854,20 @@ def _line_search(yi, z, dz, uw, ww, d0, beta, kidx, cc, zt, brow, S):
 
 @njit(cache=True, inline="always")
 def _ce_sample(
-    yi, om, z, Vi, Li, diag, beta, kidx, cc, tol, max_newton,
-    grad, hess, HL, B, M, r, u, rhs, w, dz, zt, brow, S,
+    yi, om, z, Vj, vscale, Wj, wscale, vnorm, diag, beta, kidx, cc, tol, max_newton,
+    grad, hess, C, dinv, q, F, dz, zt, tmp, brow, S,
 ):
     """Damped Newton for one sample, in place on ``z``. Returns ``(status, iterations)``.
 
-    On return ``grad``/``hess`` hold the loss derivatives at the final ``z``.  ``S`` (T, T) holds
-    row softmaxes; when the line search ends at the accepted point they are reused.
+    The variance is ``V = vscale * Vj`` with inverse ``V^{-1} = wscale * Wj`` (only diagonals are
+    read if ``diag``) and ``vnorm = ||V||_inf``.  Newton system:
+    ``(V^{-1} + H) dz = -(grad_l + V^{-1}(z - omega))``: one Cholesky factorisation (into ``C``,
+    ``dinv``) and two triangular solves per step.  On return ``grad``/``hess`` hold the loss
+    derivatives at the final ``z`` and ``S`` (T, T) its row softmaxes.
     """
     K = z.shape[0]
-    vnorm = 0.0
     om_inf = 0.0
     for a in range(K):
-        s = 0.0
-        for b in range(K):
-            s += abs(Vi[a, b])
-        if s > vnorm:
-            vnorm = s
         if abs(om[a]) > om_inf:
             om_inf = abs(om[a])
     floor = _ROUNDOFF * beta * vnorm  # rounding level of V grad_l (grad_l ~ beta (s - y))
@@ -775,19 +876,26 @@ def _ce_sample(
     nit = 0
     status = _MAX_ITER
     fresh = False
+    stop = False  # set after the final tiny step / a failed line search: derivatives, then exit
     for it in range(max_newton + 1):
         if not fresh:
-            _ce_softmax_rows(z, beta, kidx, cc, brow, S)
+            _ce_softmax_rows(z, beta, kidx, cc, brow, S, False)
         _ce_derivs_from_softmax(yi, beta, kidx, cc, S, grad, hess)
-        # z-unit residual r = V grad + z - omega (= V times the prox-objective gradient)
+        if stop:
+            break
+        # z-unit residual r = V grad + z - omega (V times the prox-objective gradient F)
         rinf = 0.0
         zinf = 0.0
         finite = True
         for a in range(K):
-            s = z[a] - om[a]
-            for b in range(K):
-                s += Vi[a, b] * grad[b]
-            r[a] = s
+            zt[a] = z[a] - om[a]
+            if diag:
+                s = Vj[a, a] * grad[a]
+            else:
+                s = 0.0
+                for b in range(K):
+                    s += Vj[a, b] * grad[b]
+            s = zt[a] + vscale * s
             if not np.isfinite(s):
                 finite = False
             elif abs(s) > rinf:
@@ -803,46 +911,54 @@ def _ce_sample(
         if it == max_newton:
             status = _MAX_ITER
             break
-        # Symmetric form of (I + V H) dz = -r with V = L L^T, dz = L w:
-        #   (I + L^T H L) w = -(L^T grad + L^{-1}(z - omega))
+        # Newton step (V^{-1} + H) dz = -F, F = grad + q, q = V^{-1}(z - omega)
         for a in range(K):
-            zt[a] = z[a] - om[a]
-        _forward(Li, diag, zt, u)  # u = L^{-1}(z - omega)
-        _mul_LT(Li, diag, grad, rhs)
-        for a in range(K):
-            rhs[a] += u[a]
-        _build_newton_matrix(Li, diag, hess, HL, B)
-        if not _factor_newton_matrix(B, M):
+            if diag:
+                w = Wj[a, a] * zt[a]
+            else:
+                w = 0.0
+                for b in range(K):
+                    w += Wj[a, b] * zt[b]
+            q[a] = wscale * w
+            F[a] = grad[a] + q[a]
+        if not _factor_prox_matrix(Wj, wscale, diag, hess, C, dinv):
             status = _NONFINITE
             break
-        _forward(M, False, rhs, zt)
-        _backward(M, False, zt, w)
-        d0 = 0.0
-        uw = 0.0
-        ww = 0.0
-        for a in range(K):
-            w[a] = -w[a]
-            d0 += rhs[a] * w[a]  # phi'(0) = -w^T M w < 0
-            uw += u[a] * w[a]
-            ww += w[a] * w[a]
-        _mul_L(Li, diag, w, dz)
+        _chol_solve(C, dinv, F, tmp, dz)
+        d0 = 0.0  # phi'(0) = F.dz = -dz^T N dz < 0
+        uw = 0.0  # (z - omega)^T V^{-1} dz
         dzinf = 0.0
         for a in range(K):
+            dz[a] = -dz[a]
+            d0 += F[a] * dz[a]
+            uw += q[a] * dz[a]
             if abs(dz[a]) > dzinf:
                 dzinf = abs(dz[a])
         if dzinf <= tol * (1.0 + zinf) + step_floor:
             # take the (tiny) final step and stop, with derivatives at the returned point
             for a in range(K):
                 z[a] += dz[a]
-            _ce_softmax_rows(z, beta, kidx, cc, brow, S)
-            _ce_derivs_from_softmax(yi, beta, kidx, cc, S, grad, hess)
             nit += 1
             status = _CONVERGED_STEP
-            break
+            fresh = False
+            stop = True
+            continue
+        ww = 0.0  # dz^T V^{-1} dz
+        for a in range(K):
+            if diag:
+                ww += Wj[a, a] * (dz[a] * dz[a])
+            else:
+                s = 0.0
+                for b in range(K):
+                    s += Wj[a, b] * dz[b]
+                ww += dz[a] * s
+        ww *= wscale
         t, fresh = _line_search(yi, z, dz, uw, ww, d0, beta, kidx, cc, zt, brow, S)
         if not t > 0.0:
             status = _LINE_SEARCH_FAILED
-            break
+            fresh = False  # S holds a trial point: recompute it at the returned z
+            stop = True
+            continue
         for a in range(K):
             z[a] += t * dz[a]
         nit += 1
@@ -893,88 +1009,141 @@ def _ce_jacobian(Li, diag, hess, HL, B, M, X, col, tmp, dg):
     return ok
 
 
-@njit(cache=True)
-def _ce_jacobian_trace(Li, diag, hess, HL, B, M, col, tmp):
-    """``Tr(V dg) = Tr(M^{-1} B)`` (B = L^T H L, M = I + B, V = L L^T) by K Cholesky solves.
+@njit(cache=True, inline="always")
+def _ce_jacobian_trace(Wj, wscale, diag, hess, beta, kidx, cc, S, C, dinv, X, brow):
+    """``Tr(V dg) = Tr(N^{-1} H)`` with ``N = V^{-1} + H`` (``dg = H N^{-1} V^{-1}``), one sample;
+    ``V^{-1} = wscale * Wj``.
 
-    No cancellation: each column of ``M^{-1} B`` is solved for (as in :func:`_ce_jacobian`, without
-    the back-transformation by ``L``).  Returns ``(trace, ok)``.
+    With ``N = C C^T`` and ``x_k`` the rows of ``C^{-1}``, ``N^{-1} = sum_k x_k x_k^T``, so the
+    trace is ``sum_k x_k^T H x_k`` and each term is evaluated as the second derivative of the
+    loss along ``x_k``: ``beta^2 sum_a Var_{s_a}(h_a(x_k))`` with the row softmaxes ``S`` (two-pass
+    variances).  Every term is >= 0 and the flat direction (``H u = 0``), along which ``N^{-1}``
+    is ~ ``||V||`` while ``H`` has entries ~ beta^2, cancels inside each variance instead of
+    through a sum of large terms of both signs.  ``X`` (K, K) must have a zero strict upper
+    triangle on entry (it stays so); ``brow`` (>= T,) is workspace.  Returns ``(trace, ok)``; if N
+    is not numerically positive definite (not expected for finite H), ``(nan, False)``.
     """
-    K = Li.shape[0]
-    _build_newton_matrix(Li, diag, hess, HL, B)
-    ok = _factor_newton_matrix(B, M)
-    tr = 0.0
+    K = hess.shape[0]
+    T = S.shape[0]
+    if not _factor_prox_matrix(Wj, wscale, diag, hess, C, dinv):
+        return np.nan, False
+    # X = C^{-1} (lower triangular), column by column
     for j in range(K):
-        for i in range(K):
-            col[i] = B[i, j]
-        _forward(M, False, col, tmp)
-        _backward(M, False, tmp, col)
-        tr += col[j]
-    return tr, ok
+        X[j, j] = dinv[j]
+        for i in range(j + 1, K):
+            s = 0.0
+            for m in range(j, i):
+                s -= C[i, m] * X[m, j]
+            X[i, j] = s * dinv[i]
+    tr = 0.0
+    for k in range(K):
+        for a in range(T):
+            m1 = 0.0
+            for b in range(T):
+                h = cc[a, b] * X[k, kidx[a, b]]
+                brow[b] = h
+                m1 += S[a, b] * h
+            m2 = 0.0
+            for b in range(T):
+                dev = brow[b] - m1
+                m2 += S[a, b] * (dev * dev)
+            tr += m2
+    return (beta * beta) * tr, True
 
 
 @njit(cache=True, parallel=True)
 def _ce_prox_kernel(
-    y, omega, z0, V, L, diag, vscale, beta, kidx, cc, tol, max_newton, jac_mode, nchunk,
-    p, g, dg, dgtr, iterations, status,
+    y, omega, z0, V, W, L, diag, vscale, beta, kidx, cc, tol, max_newton, jac_mode, nchunk,
+    p, g, dg, dgtr, iterations, status, kshape, tshape,
 ):
     """Per-sample cross-entropy prox, ``g`` and Jacobian (Numba, parallel over samples).
 
-    y (n, T, T), omega/z0 (n, K), V/L (nV, K, K) with nV in {1, n} (L = Cholesky factor of V);
-    the variance used is ``vscale * V`` (factor ``sqrt(vscale) L``), so that GAMP's
-    ``V^t Gamma_mu`` reuses one factorisation of Gamma.  ``diag``: every V is diagonal (then only
-    diag(L) is used).  jac_mode: 0 = no Jacobian, 1 = full into dg (n, K, K), 2 = trace into
-    dgtr (n,), 3 = ``Tr(V_mu dg_mu) / vscale`` (i.e. ``Tr(Gamma_mu dg_mu)``) into dgtr.
-    Outputs p, g (n, K), iterations, status (n,).  DESIGN.md section 5.
+    y (n, T, T), omega/z0 (n, K), V/W/L (nV, K, K) with nV in {1, n}: ``W = V^{-1}`` and ``L``
+    the Cholesky factor of V (read only for jac_mode 1, 2).  The variance used is
+    ``vscale * V`` (inverse ``W / vscale``, factor ``sqrt(vscale) L``), so that GAMP's
+    ``V^t Gamma_mu`` reuses one inversion of Gamma.  ``diag``: every V is diagonal (then only the
+    diagonals of V, W, L are read).  jac_mode: 0 = no Jacobian, 1 = full into dg (n, K, K),
+    2 = trace into dgtr (n,), 3 = ``Tr(V_mu dg_mu) / vscale`` (i.e. ``Tr(Gamma_mu dg_mu)``)
+    into dgtr.  Outputs p, g (n, K), iterations, status (n,).  DESIGN.md section 5.
+
+    ``kshape``/``tshape`` are tuples of lengths K and T: ``len()`` of a tuple is a compile-time
+    constant, so each T gets its own compiled (and cached) specialisation in which every
+    per-sample loop over K or T has a fixed trip count (~1.7x faster at T = 3 than loops of
+    unknown length).  The per-sample work stays inside the ``prange`` body: moved into a
+    separate serial function it ran ~1.5x slower (apparently reference-count traffic on the
+    work arrays, which the parallel pipeline prunes).
     """
-    n, K = omega.shape
-    T = y.shape[1]
+    n = omega.shape[0]
+    K = len(kshape)
+    T = len(tshape)
     nV = V.shape[0]
     lscale = np.sqrt(vscale)
+    wscale = 1.0 / vscale
+    need_L = jac_mode == 1 or jac_mode == 2
     for ch in prange(nchunk):
         start = (ch * n) // nchunk
         stop = ((ch + 1) * n) // nchunk
         z = np.empty(K)
         grad = np.empty(K)
         hess = np.empty((K, K))
+        C = np.empty((K, K))
+        dinv = np.empty(K)
+        Ci = np.empty((K, K))
+        for a in range(K):
+            for b in range(a + 1, K):
+                Ci[a, b] = 0.0  # strict upper triangle stays zero (see _ce_jacobian_trace)
         HL = np.empty((K, K))
         B = np.empty((K, K))
         M = np.empty((K, K))
         X = np.empty((K, K))
         D = np.empty((K, K))
-        r = np.empty(K)
-        u = np.empty(K)
-        rhs = np.empty(K)
-        w = np.empty(K)
+        q = np.empty(K)
+        F = np.empty(K)
         dz = np.empty(K)
         zt = np.empty(K)
-        brow = np.empty(T)
+        tmp = np.empty(K)
+        brow = np.empty(K)  # >= T; softmax workspace
         S = np.empty((T, T))
-        Vi = np.empty((K, K))
         Li = np.empty((K, K))
+        vnorm = 0.0
         for i in range(start, stop):
             j = i if nV > 1 else 0
+            Vj = V[j]
+            Wj = W[j]
             if i == start or nV > 1:
+                vnorm = 0.0  # ||V||_inf
                 for a in range(K):
-                    for b in range(K):
-                        Vi[a, b] = vscale * V[j, a, b]
-                        Li[a, b] = lscale * L[j, a, b]
+                    if diag:
+                        s = abs(Vj[a, a])
+                    else:
+                        s = 0.0
+                        for b in range(K):
+                            s += abs(Vj[a, b])
+                    if s > vnorm:
+                        vnorm = s
+                vnorm *= vscale
+                if need_L:
+                    for a in range(K):
+                        for b in range(K):
+                            Li[a, b] = lscale * L[j, a, b]
             for a in range(K):
                 z[a] = z0[i, a]
             st, nit = _ce_sample(
-                y[i], omega[i], z, Vi, Li, diag, beta, kidx, cc, tol, max_newton,
-                grad, hess, HL, B, M, r, u, rhs, w, dz, zt, brow, S,
+                y[i], omega[i], z, Vj, vscale, Wj, wscale, vnorm, diag, beta, kidx, cc, tol,
+                max_newton, grad, hess, C, dinv, q, F, dz, zt, tmp, brow, S,
             )
             for a in range(K):
                 p[i, a] = z[a]
                 g[i, a] = -grad[a]
             if jac_mode == 3:
-                tr, ok = _ce_jacobian_trace(Li, diag, hess, HL, B, M, rhs, u)
+                tr, ok = _ce_jacobian_trace(
+                    Wj, wscale, diag, hess, beta, kidx, cc, S, C, dinv, Ci, brow
+                )
                 if not ok and st < _MAX_ITER:
                     st = _NONFINITE
-                dgtr[i] = tr / vscale
+                dgtr[i] = tr * wscale
             elif jac_mode != 0:
-                ok = _ce_jacobian(Li, diag, hess, HL, B, M, X, rhs, u, D)
+                ok = _ce_jacobian(Li, diag, hess, HL, B, M, X, q, tmp, D)
                 if not ok and st < _MAX_ITER:
                     st = _NONFINITE
                 if jac_mode == 1:
@@ -992,9 +1161,9 @@ def _ce_prox_kernel(
 
 @njit(cache=True, inline="always")
 def _ce_value_one(yi, zi, beta, kidx, cc, brow, S):
-    """Loss of one sample at ``zi``; leaves the row softmaxes in ``S``."""
+    """Loss of one sample at ``zi``; leaves the row softmaxes in ``S`` (``brow``: (K,) workspace)."""
     T = yi.shape[0]
-    lse = _ce_softmax_rows(zi, beta, kidx, cc, brow, S)
+    lse = _ce_softmax_rows(zi, beta, kidx, cc, brow, S, True)
     lin = 0.0
     for a in range(T):
         for b in range(T):
@@ -1009,7 +1178,7 @@ def _ce_derivs_kernel(y, z, beta, kidx, cc, value, grad, hess):
     n, K = z.shape
     T = y.shape[1]
     for i in prange(n):
-        brow = np.empty(T)
+        brow = np.empty(K)  # >= T; softmax workspace
         S = np.empty((T, T))
         value[i] = _ce_value_one(y[i], z[i], beta, kidx, cc, brow, S)
         _ce_derivs_from_softmax(y[i], beta, kidx, cc, S, grad[i], hess[i])
@@ -1022,7 +1191,7 @@ def _ce_value_kernel(y, z, beta, kidx, cc, value):
     n, K = z.shape
     T = y.shape[1]
     for i in prange(n):
-        brow = np.empty(T)
+        brow = np.empty(K)  # >= T; softmax workspace
         S = np.empty((T, T))
         value[i] = _ce_value_one(y[i], z[i], beta, kidx, cc, brow, S)
 
@@ -1050,13 +1219,21 @@ def _ce_derivs_numba(y, z, beta):
 def _ce_run(y, omega, V, beta, p0, tol, max_newton, jac_mode, vscale=1.0):
     """Validated inputs -> kernel outputs ``(p, g, dg, info)``.
 
-    ``V`` is anything :func:`_prepare_V` accepts, or a :class:`GramVariance` (already factored;
-    the variance is then ``vscale * V.gamma``)."""
+    ``V`` is anything :func:`_prepare_V` accepts, or a :class:`GramVariance` (already factored and
+    inverted; the variance is then ``vscale * V.gamma``).  A scalar ``V = v`` runs as
+    ``v * I_K``, so that its trace mode (``Tr dg = Tr(V dg) / v``) takes the fast jac_mode 3."""
     n, K = omega.shape
     if isinstance(V, GramVariance):
-        Vs, L, diag = V.gamma, V.chol, V.diag
+        Vs, W, L, diag = V.gamma, V.inv, V.chol, V.diag
+    elif _is_positive_scalar(V):
+        vscale = float(V)
+        Vs = W = L = np.eye(K)[None]
+        diag = True
+        if jac_mode == 2:
+            jac_mode = 3
     else:
         Vs, L = _prepare_V(V, n, K)
+        W = _inverse_from_cholesky(L)
         diag = bool(np.all(Vs[:, ~np.eye(K, dtype=bool)] == 0.0))
     z0 = omega if p0 is None else _check_z(p0, "p0", y)
     kidx, cc = _pair_maps(y.shape[1])
@@ -1068,8 +1245,9 @@ def _ce_run(y, omega, V, beta, p0, tol, max_newton, jac_mode, vscale=1.0):
     status = np.empty(n, dtype=np.int64)
     nchunk = int(min(n, 8 * numba.get_num_threads()))
     _ce_prox_kernel(
-        y, omega, z0, Vs, L, diag, float(vscale), float(beta), kidx, cc, float(tol),
+        y, omega, z0, Vs, W, L, diag, float(vscale), float(beta), kidx, cc, float(tol),
         int(max_newton), int(jac_mode), nchunk, p, g, dg, dgtr, iterations, status,
+        (0,) * K, (0,) * y.shape[1],
     )
     converged = status <= _CONVERGED_STEP
     info = {
@@ -1088,12 +1266,16 @@ def cross_entropy_prox(
     """Prox of the cross-entropy loss (DESIGN.md section 5, "Prox details").
 
     ``p = argmin_z l_y(z) + 1/2 (z - omega)^T V^{-1} (z - omega)`` per sample, by damped Newton
-    started at ``p0`` (default ``omega``).  The Newton system is the symmetric, well-conditioned
-    form of ``(I + V H) dz = -(V grad_l + z - omega)`` obtained with the Cholesky factor
-    ``V = L L^T``: ``(I + L^T H L) w = -L^T F``, ``dz = L w`` (H u = 0 along the flat direction
-    is harmless: the matrix has eigenvalues >= 1).  Step length: a safeguarded line
-    minimisation of the objective ``phi`` along ``dz`` (full step first; accepted when
-    ``|phi'(t)| <= 0.1 |phi'(0)|`` and a decrease of ``phi`` is certain), see ``_line_search``.
+    started at ``p0`` (default ``omega``).  The Newton system is
+    ``(V^{-1} + H) dz = -F``, ``F = grad_l + V^{-1}(z - omega)`` (the gradient of the prox
+    objective, ``H = hess l_y(z)``), solved by one Cholesky factorisation of the symmetric positive
+    definite ``V^{-1} + H`` (``H u = 0`` along the flat direction is harmless: the matrix is
+    ``>= V^{-1}``; if rounding of a huge H makes it numerically indefinite, the factorisation is
+    retried with a relative diagonal shift of 64 eps, then 16x larger, at most 4 times).
+    ``V^{-1}`` is computed once per call from the Cholesky factor of V.  Step length: a
+    safeguarded line minimisation of the objective ``phi`` along ``dz`` (full step first;
+    accepted when ``|phi'(t)| <= 0.1 |phi'(0)|`` and a decrease of ``phi`` is certain), see
+    ``_line_search``.
 
     Stopping rule (per sample): the z-unit residual ``r = V grad_l(z) + z - omega`` satisfies
     ``||r||_inf <= tol (1 + ||omega||_inf + ||z||_inf) + floor``, or the Newton step satisfies

@@ -34,6 +34,8 @@ def _compile_kernels_once():
     z = np.zeros((2, 3))
     cross_entropy_g_out(y, z, 1.0, 1.0)
     ch._ce_derivs_numba(y, z, 1.0)
+    for T in range(3, 9):  # the prox kernel is specialised (compiled separately) for each T
+        cross_entropy_g_out(np.full((2, T, T), 1.0 / T), np.zeros((2, n_pairs(T))), 1.0, 1.0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -360,6 +362,67 @@ def test_gram_g_out_matches_numpy_twin_jacobian(T, Gkind, v):
     dg_sq = 2.0 * np.linalg.inv(np.eye(K)[None] + 2.0 * v * gamma_full)
     np.testing.assert_allclose(a2, np.einsum("nkl,nkl->n", gamma_full, dg_sq), rtol=1e-12)
     np.testing.assert_allclose(g2, SquareLoss().g_out(y, omega, v * np.asarray(gamma_full))[0], atol=1e-12)
+
+
+@pytest.mark.parametrize("T", [2, 3, 8])
+@pytest.mark.parametrize("beta", [1e2, 1e4])
+@pytest.mark.parametrize("v", [1e-8, 1e-2, 1e2])
+def test_gram_trace_at_extreme_beta_and_variance(T, beta, v):
+    """The fused trace a_mu = Tr(Gamma_mu dg_mu) (computed from V^{-1} + H) stays accurate
+    sample by sample where H ~ beta^2 dwarfs V^{-1} (beta^2 v up to 1e10) and where it is
+    negligible (v = 1e-8): it matches the NumPy twin's full Jacobian, the kernel's own full
+    Jacobian (computed in the symmetric form I + L^T H L), and the scalar-V trace mode."""
+    rng = np.random.default_rng(T)
+    n, K = 12, n_pairs(T)
+    y = np.concatenate([softmax_targets(rng, n // 2, T, beta), onehot_targets(rng, n - n // 2, T)])
+    omega = rng.standard_normal((n, K))
+    gamma = random_V(rng, n, K, "sample")
+    gram = ch.GramVariance(gamma)
+    loss = CrossEntropyLoss(beta, tol=1e-13)
+    g, a, info = ch.gram_g_out(loss, y, omega, v, gram)
+    assert info["n_failed"] == 0 and np.all(a >= 0)
+    p2, g2, dg2, _, st2 = ch._ce_prox_numpy(y, omega, v * gamma, beta, tol=1e-13)
+    assert np.all(st2 <= 1)
+    # relative per sample: the traces span many orders of magnitude (saturated rows), down to
+    # underflow (atol covers subnormal values)
+    np.testing.assert_allclose(a, np.einsum("nkl,nkl->n", gamma, dg2), rtol=1e-6, atol=1e-300)
+    _, dg_full, info_full = loss.g_out(y, omega, v * gamma)
+    np.testing.assert_allclose(info_full["p"], info["p"], rtol=0, atol=1e-10 * (1 + np.abs(info["p"]).max()))
+    np.testing.assert_allclose(a, np.einsum("nkl,nkl->n", gamma, dg_full), rtol=1e-6, atol=1e-300)
+    # scalar V: the trace mode uses the same fused path, Tr dg = Tr(V dg) / v
+    _, tr, _ = loss.g_out(y, omega, v, jacobian="trace")
+    _, dg_s, _ = loss.g_out(y, omega, v)
+    np.testing.assert_allclose(tr, np.trace(dg_s, axis1=1, axis2=2), rtol=1e-6, atol=1e-300)
+
+
+def test_newton_matrix_shift_safeguard():
+    """``V^{-1} + H`` with H ~ 1e22 (I - 11^T/3): rounding along the null vector of H makes the
+    plain Cholesky factorisation fail; the relative diagonal shift recovers a factor of N to
+    ~1e-14.  Without trouble no shift is applied and only the lower triangle of V^{-1} (its
+    diagonal in diag mode) is read."""
+    K = 3
+    H = 1e22 * (np.eye(K) - np.ones((K, K)) / 3)
+    W = 1e-3 * np.eye(K)
+    N = H + W
+    assert not ch._cholesky_inplace(N.copy())  # precondition: numerically indefinite
+    C, dinv = np.empty((K, K)), np.empty(K)
+    assert ch._factor_prox_matrix(W, 1.0, False, H, C, dinv)
+    Lf = np.tril(C)
+    np.testing.assert_allclose(Lf @ Lf.T, N, rtol=0, atol=1e-13 * np.abs(N).max())
+    np.testing.assert_allclose(dinv, 1.0 / np.diag(C), rtol=1e-15)
+    # well-conditioned: the factor of H + wscale W itself
+    rng = np.random.default_rng(0)
+    A, B = rng.standard_normal((2, 4, 4))
+    H = A @ A.T
+    W = 0.5 * np.eye(4) + B @ B.T / 4
+    C, dinv = np.empty((4, 4)), np.empty(4)
+    W_lower = W + np.triu(np.full((4, 4), 99.0), 1)  # strict upper triangle must not be read
+    assert ch._factor_prox_matrix(W_lower, 2.0, False, H, C, dinv)
+    np.testing.assert_allclose(np.tril(C), np.linalg.cholesky(H + 2.0 * W), rtol=1e-13, atol=1e-13)
+    assert ch._factor_prox_matrix(W, 2.0, True, H, C, dinv)  # diag mode: off-diagonals ignored
+    np.testing.assert_allclose(
+        np.tril(C), np.linalg.cholesky(H + 2.0 * np.diag(np.diag(W))), rtol=1e-13, atol=1e-13
+    )
 
 
 def test_gram_g_out_zero_variance_and_validation():
