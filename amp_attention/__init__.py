@@ -1,10 +1,18 @@
 """amp_attention: approximate message passing and state evolution for single-head attention.
 
-The contract (conventions, equations, checks) is DESIGN.md; section numbers in docstrings refer
-to it.  Layout: ``model`` (teachers, tokens, channels that make y), ``operator`` (matrix-free
-sensing map and adjoint), ``whitening`` (pair coordinates), ``channels`` (losses: prox, g_out),
-``denoisers`` (spectral prox, divergence), ``amp`` (the GAMP loop), ``se`` (its scalar mirror),
-``erm`` (direct training baseline), ``cli``.
+The contract (conventions, equations, checks) is ``docs/theory.md``; section numbers ``§N`` in
+docstrings refer to it.  Layout, bottom to top:
+
+* model: ``model`` (teachers, tokens, channels that make y; teacher -> spectral law),
+  ``whitening`` (pair coordinates);
+* the sensing operator: ``operator`` (:class:`SensingOperator`, matrix-free forward map and adjoint);
+* factors (``factors`` holds the two contracts): output factors ``losses`` (square,
+  cross-entropy) and ``bayes_outputs``; input factors ``denoisers`` (nuclear, Frobenius, RIE) over
+  ``spectral`` (laws, free probability, quadrature); ``variance`` (GAMP's per-sample variances);
+* the two loops, on the scaffold of ``loop``: ``amp`` (GAMP) and ``se`` (state evolution, ERM and
+  Bayes-optimal); ``thresholds`` (recovery / interpolation / counting bound);
+* above the loops: ``estimators`` (scikit-learn :class:`ERMAttention`, :class:`BayesAttention`),
+  ``erm`` (direct training baseline), ``cli``.
 
 Thread policy: one GAMP iteration alternates BLAS calls (GEMM, SYRK, eigh) with Numba kernels
 parallel over samples.  OpenBLAS worker threads busy-wait for a long time after each call, and on
@@ -21,9 +29,9 @@ import sys as _sys
 if "numpy" not in _sys.modules:
     _os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
-from .model import (  # noqa: F401
+from .model import (  # noqa: F401, E402
     Dataset,
     HardmaxChannel,
     LinearChannel,
@@ -32,29 +40,34 @@ from .model import (  # noqa: F401
     sample_data,
     sample_tokens,
 )
-from .operator import (  # noqa: F401
+from .operator import (  # noqa: F401, E402
+    SensingOperator,
     adjoint_whitened,
     backproject,
     forward_whitened,
     preactivations,
     sample_gram,
 )
-from .whitening import pair_indices, unwhiten, whiten  # noqa: F401
-from .channels import CrossEntropyLoss, SquareLoss  # noqa: F401
-from .denoisers import (  # noqa: F401
+from .whitening import pair_indices, unwhiten, whiten  # noqa: F401, E402
+from .factors import InputFactor, OutputFactor  # noqa: F401, E402
+from .losses import CrossEntropyLoss, SquareLoss, make_loss  # noqa: F401, E402
+from .bayes_outputs import BayesLinearOutput, BayesSoftmaxOutput  # noqa: F401, E402
+from .denoisers import (  # noqa: F401, E402
     FrobeniusDenoiser,
     NuclearDenoiser,
+    RIEDenoiser,
+    make_denoiser,
     nuclear_prox,
     spectral_divergence,
 )
-from .amp import AMPResult, ERMAttention, gamp  # noqa: F401
-from .erm import ERMResult, direct_erm, erm_gradient, erm_objective, kkt_residual  # noqa: F401
-from .spectral import SpectralLaw  # noqa: F401
-from .se import SEResult, state_evolution  # noqa: F401
-from .bayes import (  # noqa: F401
-    BayesAttention,
-    BayesLinearOutput,
-    BayesSoftmaxOutput,
-    RIEDenoiser,
-    bayes_state_evolution,
+from .spectral import SpectralLaw  # noqa: F401, E402
+from .amp import AMPResult, gamp  # noqa: F401, E402
+from .se import BayesSEResult, SEResult, bayes_state_evolution, state_evolution  # noqa: F401, E402
+from .thresholds import (  # noqa: F401, E402
+    ThresholdResult,
+    interpolation_threshold,
+    perfect_recovery_threshold,
+    recovery_threshold,
 )
+from .estimators import BayesAttention, ERMAttention  # noqa: F401, E402
+from .erm import ERMResult, direct_erm, erm_gradient, erm_objective, kkt_residual  # noqa: F401, E402

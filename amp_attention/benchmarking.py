@@ -1,4 +1,4 @@
-"""Speed measured as ratios in one run (DESIGN.md section 10); used by ``amp-attention bench``
+"""Speed measured as ratios in one run (docs/theory.md §10); used by ``amp-attention bench``
 and the scripts in ``benchmarks/``.  Nothing here is asserted in tests: wall-clock numbers
 depend on the machine, ratios less so.
 """
@@ -42,9 +42,12 @@ def amp_iteration_ratios(d: int, T: int, alpha: float, loss: str = "cross_entrop
     """Time of one ERM-AMP iteration (median over ``repeats`` iterations after 3 warm-up ones) over
     the floor, measured in the same run, plus the time of the output side alone."""
     import amp_attention as aa
-    from amp_attention.amp import gamp, make_denoiser, make_loss
-    from amp_attention.channels import GramVariance, gram_g_out
-    from amp_attention.operator import _forward_whitened, sample_gram
+    from amp_attention.amp import gamp
+    from amp_attention.denoisers import make_denoiser
+    from amp_attention.losses import make_loss
+    from amp_attention.losses import gram_g_out
+    from amp_attention.operator import SensingOperator, sample_gram
+    from amp_attention.variance import GramVariance
 
     rng = np.random.default_rng(seed)
     teacher = aa.Teacher.wishart(d, 0.5, rng)
@@ -56,7 +59,7 @@ def amp_iteration_ratios(d: int, T: int, alpha: float, loss: str = "cross_entrop
     t_iter = float(np.median(res.history["time"][warm:]))
     # the output side alone (as GAMP calls it: Gamma factored once, Jacobian traces), at the final state
     gram = GramVariance(sample_gram(data.X))
-    z = _forward_whitened(data.X, res.S)
+    z = SensingOperator(data.X).forward(res.S, check=False)
     t_g_out = best_time(lambda: gram_g_out(loss_obj, data.y, z, res.V, gram), repeats)
     fl = floor_time(n, T, d, repeats, seed)
     return {"d": d, "T": T, "n": n, "alpha": alpha, "loss": loss, "reg": reg, "t_iter": t_iter,

@@ -1,4 +1,4 @@
-"""The ``amp-attention`` command (DESIGN.md section 9).
+"""The ``amp-attention`` command (docs/theory.md §9).
 
 Subcommands: ``run`` (sample an instance, run AMP next to its state evolution), ``se`` (the
 d -> infinity state-evolution fixed point along a list of alpha), ``bench`` (per-iteration timings,
@@ -16,7 +16,6 @@ import time
 
 import numpy as np
 
-from .se import output_map
 
 __all__ = ["main", "build_parser"]
 
@@ -171,7 +170,7 @@ def cmd_run(args) -> dict:
     hist = est.history_
     k = est.n_iter_
     test = aa.sample_data(max(2000, 2 * d), T, teacher, channel, np.random.default_rng([args.seed, 1]))
-    phi = output_map(channel)
+    phi = channel.phi
     h_hat = est.decision_function(test.X)
     test_error = float(np.mean(np.sum((phi(test.h) - phi(h_hat)) ** 2, axis=(1, 2))))
     time_per_iter = float(np.mean(hist["time"])) if k else float("nan")
@@ -218,8 +217,6 @@ def _progress_bar(i, total, label, width=30):
 
 def cmd_se(args) -> dict:
     import amp_attention as aa
-    from amp_attention.channels import SquareLoss
-    from amp_attention.se import OutputSide
 
     T = args.T
     channel = _make_channel(args)
@@ -229,7 +226,6 @@ def cmd_se(args) -> dict:
     else:  # no closed d -> infinity law: the exact spectrum at --d
         teacher = _make_teacher(args, args.d, np.random.default_rng(args.seed))
         law = aa.SpectralLaw.atoms(teacher.eigenvalues)
-    phi = output_map(channel)
     keys = ["mse", "m", "q", "test_error", "converged", "n_iter"] + (["train_loss"] if args.estimator == "erm" else [])
     res = {k: [] for k in keys}
     init = None
@@ -246,9 +242,9 @@ def cmd_se(args) -> dict:
             test_error, extra = r.test_error, {"train_loss": r.train_loss}
         else:
             r = aa.bayes_state_evolution(alpha, T, law, channel, max_iter=max(args.iters, 1000),
-                                         tol=args.tol, damping=args.damping)
-            out_side = OutputSide(alpha, T, law.Q, SquareLoss(), channel, n_mc=args.n_mc, seed=args.seed)
-            test_error, extra = out_side.test_error(r.m, r.q, phi), {}
+                                         tol=args.tol, damping=args.damping, predictions=True,
+                                         n_mc=args.n_mc, seed=args.seed)
+            test_error, extra = r.test_error, {}
         for k, v in (("mse", r.mse), ("m", r.m), ("q", r.q), ("test_error", test_error)):
             res[k].append(_finite_or_none(v))
         res["converged"].append(bool(r.converged))

@@ -1,4 +1,4 @@
-"""Direct empirical risk minimisation: the baseline minimiser of DESIGN.md section 4.
+"""Direct empirical risk minimisation: the baseline minimiser of docs/theory.md §4.
 
 This module is written independently of the AMP code (it does not use ``channels``,
 ``denoisers`` or ``amp``): the per-sample losses and their gradients w.r.t. the preactivations
@@ -65,7 +65,7 @@ from ._validation import (
     check_symmetric,
     check_tokens,
 )
-from .operator import _backproject, _preactivations
+from .operator import SensingOperator
 
 __all__ = ["ERMResult", "direct_erm", "erm_objective", "erm_gradient", "kkt_residual"]
 
@@ -86,7 +86,7 @@ LBFGS_FLOOR = 1e-7
 
 @dataclass(frozen=True, eq=False)
 class ERMResult:
-    """Result of :func:`direct_erm` (DESIGN.md section 4).
+    """Result of :func:`direct_erm` (docs/theory.md §4).
 
     Attributes
     ----------
@@ -135,7 +135,7 @@ def _loss_and_grad_h(y: np.ndarray, H: np.ndarray, loss: str, beta: float, grad:
         val = 0.5 * float(np.sum(R * R))
         return val, (R if grad else None)
     # cross-entropy: -sum_b y_ab log p_ab + (1 - r_a) lse_a with p = softmax(beta h_a),
-    # r_a = sum_b y_ab; identical to the DESIGN formula, with less cancellation for large beta.
+    # r_a = sum_b y_ab; identical to the docs/theory.md formula, with less cancellation for large beta.
     s = beta * H
     m = s.max(axis=-1, keepdims=True)
     sm = s - m
@@ -162,18 +162,19 @@ class _Problem:
 
     def __init__(self, X, y, loss, reg, lam, beta):
         self.X, self.y = X, y
+        self.op = SensingOperator(X, check=False)  # X validated by the callers (_validate)
         self.loss, self.reg, self.lam, self.beta = loss, reg, lam, beta
         self.n, self.T, self.d = X.shape
         self.n_evals = 0
 
     def loss_value(self, S) -> float:
-        return _loss_and_grad_h(self.y, _preactivations(self.X, S), self.loss, self.beta, grad=False)[0]
+        return _loss_and_grad_h(self.y, self.op.preactivations(S, check=False), self.loss, self.beta, grad=False)[0]
 
     def loss_grad(self, S):
         """``(L(S), grad_S L (d, d) symmetric)``; ``d/dt L(S + tE) = Tr(E grad)`` for symmetric E."""
         self.n_evals += 1
-        val, Gh = _loss_and_grad_h(self.y, _preactivations(self.X, S), self.loss, self.beta)
-        return val, _backproject(self.X, np.ascontiguousarray(Gh))
+        val, Gh = _loss_and_grad_h(self.y, self.op.preactivations(S, check=False), self.loss, self.beta)
+        return val, self.op.backproject(np.ascontiguousarray(Gh), check=False)
 
     def objective(self, S) -> float:
         return self.loss_value(S) + _reg_value(S, self.reg, self.lam, self.d)
@@ -248,7 +249,7 @@ def _check_int(value, name, lo, hi=None):
 
 
 def erm_objective(X, y, S, loss="cross_entropy", reg="nuclear", lam=0.01, beta=1.0) -> float:
-    """``sum_mu loss(y_mu, h(S; X_mu)) + reg(S)`` (DESIGN.md section 4).
+    """``sum_mu loss(y_mu, h(S; X_mu)) + reg(S)`` (docs/theory.md §4).
 
     Parameters
     ----------
@@ -509,7 +510,7 @@ def direct_erm(
     max_iter: int | None = None,
     random_state=None,
 ) -> ERMResult:
-    """Minimise ``sum_mu loss(y_mu, h(S; X_mu)) + reg(S)`` directly (DESIGN.md section 4).
+    """Minimise ``sum_mu loss(y_mu, h(S; X_mu)) + reg(S)`` directly (docs/theory.md §4).
 
     Parameters
     ----------

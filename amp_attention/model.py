@@ -1,4 +1,4 @@
-"""The attention-indexed model: teachers, tokens and the channels that make ``y`` (DESIGN.md section 1).
+"""The attention-indexed model: teachers, tokens and the channels that make ``y`` (docs/theory.md §1).
 
 Shapes: tokens ``X (n, T, d)``, preactivations ``h (n, T, T)``, targets ``y (n, T, T)``.
 All arrays are float64 and every random draw goes through a seeded ``numpy.random.Generator``:
@@ -19,6 +19,7 @@ from ._validation import (
     check_T,
 )
 from .operator import preactivations
+from .spectral import SpectralLaw
 from .whitening import n_pairs, unwhiten
 
 __all__ = [
@@ -30,6 +31,9 @@ __all__ = [
     "sample_tokens",
     "sample_data",
     "haar_orthogonal",
+    "row_softmax",
+    "check_channel",
+    "as_spectral_law",
 ]
 
 
@@ -59,7 +63,7 @@ class Teacher:
     params : dict of the constructor parameters (``rho``, ``gamma``, ...).
 
     Derived: ``d``, ``Q = Tr(S^2)/d``, ``trace_mean = Tr(S)/d``.
-    Build with the class methods (DESIGN.md section 1).
+    Build with the class methods (docs/theory.md §1).
     """
 
     S: np.ndarray
@@ -145,7 +149,7 @@ class Teacher:
 
 
 # --------------------------------------------------------------------------------------------
-# Channels that make y from the teacher's preactivations h* (DESIGN.md section 1)
+# Channels that make y from the teacher's preactivations h* (docs/theory.md §1)
 # --------------------------------------------------------------------------------------------
 
 
@@ -180,6 +184,11 @@ class SoftmaxChannel:
             raise ValueError("the softmax channel needs T >= 2 tokens: with T = 1 every target is y = 1")
         return row_softmax(h, self.beta)
 
+    def phi(self, h) -> np.ndarray:
+        """Noiseless map ``h -> softmax(beta h)`` row-wise (test errors compare ``phi(h*)`` with
+        ``phi(h_hat)``)."""
+        return row_softmax(np.asarray(h, dtype=np.float64), self.beta)
+
 
 @dataclass(frozen=True)
 class HardmaxChannel:
@@ -193,6 +202,10 @@ class HardmaxChannel:
         y = np.zeros_like(h)
         np.put_along_axis(y, idx[..., None], 1.0, axis=-1)
         return y
+
+    def phi(self, h) -> np.ndarray:
+        """Noiseless map: the one-hot argmax rows (the channel itself)."""
+        return self(h)
 
 
 @dataclass(frozen=True)
@@ -212,6 +225,21 @@ class LinearChannel:
         n, T, _ = h.shape
         xi = unwhiten(rng.standard_normal((n, n_pairs(T))), T)
         return h + np.sqrt(self.noise) * xi
+
+    def phi(self, h) -> np.ndarray:
+        """Noiseless map: the identity."""
+        return np.asarray(h, dtype=np.float64)
+
+
+CHANNELS = (SoftmaxChannel, HardmaxChannel, LinearChannel)
+
+
+def check_channel(channel, name: str = "channel"):
+    """Return ``channel`` if it is one of the model's channels, else a ``ValueError`` naming ``name``."""
+    if not isinstance(channel, CHANNELS):
+        raise ValueError(f"{name} must be SoftmaxChannel, HardmaxChannel or LinearChannel, "
+                         f"got {type(channel).__name__}")
+    return channel
 
 
 # --------------------------------------------------------------------------------------------
@@ -257,11 +285,7 @@ def sample_data(n: int, T: int, teacher: Teacher, channel, rng=None) -> Dataset:
     """
     if not isinstance(teacher, Teacher):
         raise ValueError(f"teacher must be an amp_attention.Teacher, got {type(teacher).__name__}")
-    if not callable(channel) or not isinstance(channel, (SoftmaxChannel, HardmaxChannel, LinearChannel)):
-        raise ValueError(
-            "channel must be SoftmaxChannel, HardmaxChannel or LinearChannel, "
-            f"got {type(channel).__name__}"
-        )
+    check_channel(channel)
     rng = check_rng(rng)
     if T == 1 and isinstance(channel, (SoftmaxChannel, HardmaxChannel)):
         raise ValueError(f"{type(channel).__name__} needs T >= 2 tokens: with T = 1 every target is y = 1")
@@ -269,3 +293,28 @@ def sample_data(n: int, T: int, teacher: Teacher, channel, rng=None) -> Dataset:
     h = preactivations(X, teacher.S)
     y = channel(h, rng)
     return Dataset(X=X, y=y, h=h)
+
+
+# --------------------------------------------------------------------------------------------
+# Teacher -> spectral law (the one place where it is decided)
+# --------------------------------------------------------------------------------------------
+
+
+def as_spectral_law(teacher, spectrum: str = "exact", name: str = "teacher") -> SpectralLaw:
+    """The teacher's spectral law, for the SE input side and the RIE (docs/theory.md §7).
+
+    ``teacher``: a :class:`Teacher` or a :class:`SpectralLaw` (returned unchanged).
+    ``spectrum='exact'`` uses the finite-d eigenvalues as atoms; ``'limit'`` uses the
+    d -> infinity law where one is known (Wishart(rho)), else the atoms.  ``name`` is the argument
+    named in error messages.
+    """
+    if spectrum not in ("exact", "limit"):
+        raise ValueError(f"spectrum must be 'exact' or 'limit', got {spectrum!r}")
+    if isinstance(teacher, SpectralLaw):
+        return teacher
+    if not isinstance(teacher, Teacher):
+        raise ValueError(f"{name} must be a Teacher (whose eigenvalues are used) or a SpectralLaw, "
+                         f"got {type(teacher).__name__}")
+    if spectrum == "limit" and teacher.kind == "wishart":
+        return SpectralLaw.wishart(teacher.params["rho"])
+    return SpectralLaw.atoms(teacher.eigenvalues)

@@ -1,4 +1,4 @@
-"""Whitened pair coordinates of the T x T preactivation matrices (DESIGN.md section 2).
+"""Whitened pair coordinates of the T x T preactivation matrices (docs/theory.md §2).
 
 A sample's preactivations form a symmetric ``T x T`` matrix ``h``.  Its ``K = T(T+1)/2``
 independent entries are indexed by pairs ``k = (a, b)`` with ``a <= b`` in row-major order::
@@ -75,7 +75,7 @@ def unwhiten(z: np.ndarray, T: int) -> np.ndarray:
 def flat_direction(T: int) -> np.ndarray:
     """Unit vector ``u ~ (1/c_k)_k``: the whitened image of the global shift ``h -> h + 11^T``.
 
-    The cross-entropy loss is constant along it (DESIGN.md section 4).
+    The cross-entropy loss is constant along it (docs/theory.md §4).
     """
     _, _, c = pair_indices(T)
     u = 1.0 / c

@@ -1,4 +1,4 @@
-"""Small helpers shared by the benchmark scripts (DESIGN.md section 10).
+"""Small helpers shared by the benchmark scripts (docs/theory.md §10).
 
 Scripts run as ``python benchmarks/<name>.py``; this module is imported as ``_common`` (the
 script's folder is ``sys.path[0]``).  Helpers:

@@ -1,9 +1,9 @@
-"""One ERM-AMP iteration as ratios measured in the same run (DESIGN.md section 10).
+"""One ERM-AMP iteration as ratios measured in the same run (docs/theory.md §10).
 
 (a) over the floor: two GEMMs ``(nT x d)(d x d)``, ``(d x nT)(nT x d)`` + one ``eigh(d)``;
 (b) over the same iteration written with the materialised sensing tensor (benchmarks/naive.py), at
     the largest d where it fits under ``--naive-gb``: layout (n, T, T, d, d) with einsum's BLAS
-    dispatch (the strongest baseline) and the (n, d, d, T, T) layout of DESIGN.md with plain einsum;
+    dispatch (the strongest baseline) and the (n, d, d, T, T) layout of docs/theory.md with plain einsum;
 (c) wall time until GAMP and ``direct_erm`` (L-BFGS on W, and FISTA on S) first reach the same
     objective ``f* (1 + eps)``, f* the best of their final objectives.
 
@@ -23,10 +23,13 @@ import naive  # noqa: E402
 import numpy as np  # noqa: E402
 
 import amp_attention as aa  # noqa: E402
-from amp_attention.amp import gamp, make_denoiser, make_loss  # noqa: E402
-from amp_attention.channels import GramVariance, gram_g_out  # noqa: E402
+from amp_attention.amp import gamp  # noqa: E402
+from amp_attention.denoisers import make_denoiser  # noqa: E402
+from amp_attention.losses import make_loss  # noqa: E402
+from amp_attention.losses import gram_g_out  # noqa: E402
 from amp_attention.benchmarking import amp_iteration_ratios  # noqa: E402
 from amp_attention.operator import sample_gram  # noqa: E402
+from amp_attention.variance import GramVariance  # noqa: E402
 from amp_attention.whitening import pair_indices  # noqa: E402
 
 

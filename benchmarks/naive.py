@@ -1,4 +1,4 @@
-"""Naive materialised-einsum sensing operator (the baseline of DESIGN.md section 10).
+"""Naive materialised-einsum sensing operator (the baseline of docs/theory.md §10).
 
 This is how published research code applies the attention sensing operator: it materialises the
 full sensing tensor, of shape ``(n, T, T, d, d)`` or ``(n, d, d, T, T)`` (``LAYOUTS``)::
@@ -13,7 +13,7 @@ and contracts it with einsum::
 Memory is ``8 n T^2 d^2`` bytes (1.6 GB at d = 100, T = 2, n = d^2 / 2; 8 GB at d = 150) - use
 :func:`naive_bytes` / :func:`fits` before building.  ``optimize=True`` (the default here) lets
 einsum dispatch the contractions to BLAS; with the (n, T, T, d, d) layout that needs no copy, the
-strongest version of the baseline.  With the (n, d, d, T, T) layout of DESIGN.md section 10 the
+strongest version of the baseline.  With the (n, d, d, T, T) layout of docs/theory.md §10 the
 BLAS dispatch first copies the whole tensor into another order, so plain einsum (``optimize=False``,
 NumPy's default) is the faster choice there.
 
@@ -67,7 +67,7 @@ def max_samples(T: int, d: int, cap_bytes: int = DEFAULT_CAP_BYTES) -> int:
 
 #: Memory layouts of the sensing tensor: ``'nabij'`` = (n, T, T, d, d) (the d x d blocks contiguous,
 #: so einsum's BLAS dispatch applies without copies: the strongest baseline) and ``'nijab'`` =
-#: (n, d, d, T, T), the layout DESIGN.md section 10 names (the T x T blocks contiguous).
+#: (n, d, d, T, T), the layout docs/theory.md §10 names (the T x T blocks contiguous).
 LAYOUTS = ("nabij", "nijab")
 
 

@@ -1,4 +1,4 @@
-"""Benchmark of the matrix-free sensing operator (DESIGN.md sections 3 and 10).
+"""Benchmark of the matrix-free sensing operator (docs/theory.md §3 and §10).
 
 Times ``preactivations(X, S)`` + ``backproject(X, G)`` (one forward and one adjoint, as in one
 AMP iteration) and reports, measured round-robin in the same run:
@@ -41,6 +41,7 @@ import naive  # noqa: E402
 import numpy as np  # noqa: E402
 
 import amp_attention as aa  # noqa: E402
+from amp_attention import _operator_kernels as kern  # noqa: E402
 from amp_attention import operator as op  # noqa: E402
 from amp_attention._validation import check_symmetric, check_tokens  # noqa: E402
 
@@ -70,25 +71,25 @@ def bench_config(d, T, alpha, repeats, cap_bytes, naive_mode, rng, args):
     X, S, G, Bf = make_inputs(n, T, d, rng)
     X2 = X.reshape(n * T, d)
     Y = (X2 @ S).reshape(n, T, d)
-    B = op._mix_tokens(G, X)
+    B = kern.mix_tokens(G, X)
     Yout = np.empty((n * T, d))
     opt = args.naive_einsum == "opt"
     # syrk-path intermediates (for timing its pieces on their own)
-    lam, V = op._sym_eig(G)
-    pos_start, neg_start, n_pos, n_neg = op._eig_row_offsets(lam)
+    lam, V = kern.sym_eig(G)
+    pos_start, neg_start, n_pos, n_neg = kern.eig_row_offsets(lam)
     Wrows = np.empty((n * T, d))
-    op._pack_eig_rows(X, lam, V, pos_start, neg_start, Wrows)
+    kern.pack_eig_rows(X, lam, V, pos_start, neg_start, Wrows)
     r_half = max(1, d // 2)
     F, sigma = make_factor(S, r_half)
-    work = np.empty(X.shape)
+    sop = op.SensingOperator(X)  # one reused work buffer, as in GAMP
 
     def ours():
         aa.preactivations(X, S)
         aa.backproject(X, G)
 
     def core():
-        op._preactivations(X, S)
-        op._backproject(X, G)
+        op.SensingOperator(X, check=False).preactivations(S, check=False)
+        op.SensingOperator(X, check=False).backproject(G, check=False)
 
     def gemm():
         X2 @ S
@@ -102,7 +103,7 @@ def bench_config(d, T, alpha, repeats, cap_bytes, naive_mode, rng, args):
         check_tokens(X)
         check_symmetric(S, "S", d=d)
         check_tokens(X)
-        op._check_G(G, X)
+        sop.check_G(G)
 
     fns = {
         "ours": ours,
@@ -111,20 +112,20 @@ def bench_config(d, T, alpha, repeats, cap_bytes, naive_mode, rng, args):
         "core": core,
         "fwd": lambda: aa.preactivations(X, S),
         "adj": lambda: aa.backproject(X, G),
-        "core_fwd": lambda: op._preactivations(X, S),
-        "core_adj": lambda: op._backproject(X, G),
+        "core_fwd": lambda: op.SensingOperator(X, check=False).preactivations(S, check=False),
+        "core_adj": lambda: op.SensingOperator(X, check=False).backproject(G, check=False),
         "validate": validate,
         "gemm_fwd": lambda: X2 @ S,
-        "pair_contract": lambda: op._pair_contract(X, Y),
-        "mix_tokens": lambda: op._mix_tokens(G, X),
+        "pair_contract": lambda: kern.pair_contract(X, Y),
+        "mix_tokens": lambda: kern.mix_tokens(G, X),
         "gemm_adj": lambda: X2.T @ B.reshape(n * T, d),
-        "adj_gemm_path": lambda: op._backproject_gemm(X, G, work),
-        "adj_syrk_path": lambda: op._backproject_syrk(X, G, work),
-        "sym_eig": lambda: op._sym_eig(G),
-        "pack_rows": lambda: op._pack_eig_rows(X, lam, V, pos_start, neg_start, Wrows),
-        "syrk": lambda: op._syrk_difference(Wrows[:n_pos], Wrows[n * T - n_neg:]),
-        "fwd_dense_work": lambda: op._preactivations(X, S, work),
-        "fwd_factored_half": lambda: op._preactivations_factored(X, F, sigma, work),
+        "adj_gemm_path": lambda: sop.backproject(G, method="gemm", check=False),
+        "adj_syrk_path": lambda: sop.backproject(G, method="syrk", check=False),
+        "sym_eig": lambda: kern.sym_eig(G),
+        "pack_rows": lambda: kern.pack_eig_rows(X, lam, V, pos_start, neg_start, Wrows),
+        "syrk": lambda: kern.syrk_difference(Wrows[:n_pos], Wrows[n * T - n_neg:]),
+        "fwd_dense_work": lambda: sop.preactivations(S, check=False),
+        "fwd_factored_half": lambda: sop.preactivations_factored(F, sigma, check=False),
     }
     t = C.time_interleaved(fns, repeats, clock=args.clock)
     med = {k: v["median"] for k, v in t.items()}
@@ -138,7 +139,7 @@ def bench_config(d, T, alpha, repeats, cap_bytes, naive_mode, rng, args):
     row["ratio_a_strict"] = med["ours"] / med["gemm_out"]
     # rest ("glue") = core function minus its GEMM and Numba kernel timed on whole arrays
     row["t_fwd_glue"] = med["core_fwd"] - med["gemm_fwd"] - med["pair_contract"]
-    row["adj_method"] = "syrk" if d >= op._SYRK_MIN_D + op._SYRK_MIN_D_PER_T * T else "gemm"
+    row["adj_method"] = sop.adjoint_method
     if row["adj_method"] == "syrk":
         row["t_adj_glue"] = med["core_adj"] - med["sym_eig"] - med["pack_rows"] - med["syrk"]
     else:
@@ -164,7 +165,7 @@ def bench_config(d, T, alpha, repeats, cap_bytes, naive_mode, rng, args):
             tn = C.timeit(lambda: (naive.forward(Z, S, opt), naive.adjoint(Z, Gs, opt)), repeats=max(1, repeats // 2 + 1), clock=args.clock)
             Hn, Mn = naive.forward(Z, S), naive.adjoint(Z, Gs)
             del Z
-            Ho, Mo = op._preactivations(Xs, S), op._backproject(Xs, Gs)
+            Ho, Mo = aa.preactivations(Xs, S), aa.backproject(Xs, Gs)
             row["naive_relerr"] = max(
                 np.max(np.abs(Hn - Ho)) / np.max(np.abs(Ho)), np.max(np.abs(Mn - Mo)) / np.max(np.abs(Mo))
             )

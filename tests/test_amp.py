@@ -1,12 +1,15 @@
-"""The GAMP loop and the ERMAttention estimator: API, options, flags (DESIGN.md sections 5, 9)."""
+"""The GAMP loop and the ERMAttention estimator: API, options, flags (docs/theory.md §5, §9)."""
 
 import numpy as np
 import pytest
 
 import amp_attention as aa
-from amp_attention.amp import gamp, make_denoiser, make_loss
-from amp_attention.channels import SquareLoss
+from amp_attention.amp import gamp
+from amp_attention.denoisers import make_denoiser
+from amp_attention.losses import make_loss
+from amp_attention.losses import SquareLoss
 from amp_attention.erm import erm_objective
+from naive import naive_gamp
 
 
 @pytest.fixture(scope="module")
@@ -125,7 +128,7 @@ def test_get_set_params_roundtrip():
     assert est.get_params()["lam"] == 0.3
     est.set_params(lam=0.1, reg="frobenius")
     assert est.lam == 0.1 and est.reg == "frobenius"
-    with pytest.raises(ValueError, match="unknown"):
+    with pytest.raises(ValueError, match="Invalid parameter 'alpha'"):  # scikit-learn's message
         est.set_params(alpha=1)
 
 
@@ -158,55 +161,6 @@ def test_large_lam_gives_zero_estimate_without_nan(instance, loss):
     assert np.linalg.eigvalsh(grad0 + 50.0 * 30 * np.eye(30)).min() >= 0
 
 
-def _naive_gamp(X, y, loss, reg, lam, beta, n_iter, variance="sample", damping=0.0):
-    """Plain transcription of DESIGN.md section 5 (materialised sensing matrices, the NumPy prox
-    twin, explicit eigendecomposition and divided differences); returns [(S^{t+1}, V^{t+1})]."""
-    from amp_attention.channels import _ce_prox_numpy
-    from amp_attention.whitening import pair_indices, whiten
-
-    n, T, d = X.shape
-    ia, ib, c = pair_indices(T)
-    K = ia.size
-    outer = np.einsum("nai,nbj->nabij", X, X)
-    A = 0.5 * (outer[:, ia, ib] + outer[:, ib, ia])
-    A[:, ia == ib] -= np.eye(d)
-    A /= c[None, :, None, None] * np.sqrt(d)
-    Gamma = np.einsum("nkij,nlij->nkl", A, A) * 2.0 / (d + 1.0)
-    if variance == "scalar":
-        Gamma = np.broadcast_to(np.eye(K), (n, K, K))
-    S, V, g_prev = np.zeros((d, d)), 1.0, np.zeros((n, K))
-    out = []
-    for _ in range(n_iter):
-        z = np.einsum("nkij,ij->nk", A, S)
-        Vmu = V * Gamma
-        omega = z - np.einsum("nkl,nl->nk", Vmu, g_prev)
-        if loss == "square":
-            inv = np.linalg.inv(np.eye(K)[None] + 2.0 * Vmu)
-            zy = whiten(y)
-            p = np.einsum("nkl,nl->nk", inv, 2.0 * np.einsum("nkl,nl->nk", Vmu, zy) + omega)
-            g, dg = 2.0 * (zy - p), 2.0 * inv
-        else:
-            _, g, dg, _, status = _ce_prox_numpy(y, omega, np.ascontiguousarray(Vmu), beta)
-            assert np.all(status <= 1)
-        A_hat = np.einsum("nkl,nkl->", Gamma, dg) / d**2
-        R = S + np.einsum("nk,nkij->ij", g, A) / (d * A_hat)
-        lv, U = np.linalg.eigh(R)
-        if reg == "nuclear":
-            f, fp = np.maximum(lv - lam / A_hat, 0.0), (lv > lam / A_hat).astype(float)
-        else:
-            f, fp = lv * A_hat / (A_hat + lam), np.full(d, A_hat / (A_hat + lam))
-        div = fp.sum()
-        for i in range(d):
-            for j in range(i + 1, d):
-                div += (f[i] - f[j]) / (lv[i] - lv[j]) if abs(lv[i] - lv[j]) > 1e-12 else 0.5 * (fp[i] + fp[j])
-        S_new, V_new = (U * f) @ U.T, div / (d**2 * A_hat)
-        S = (1 - damping) * S_new + damping * S
-        V = (1 - damping) * V_new + damping * V
-        g_prev = g
-        out.append((S, V))
-    return out
-
-
 @pytest.mark.parametrize(
     "loss,reg,variance,damping",
     [("cross_entropy", "nuclear", "sample", 0.0), ("cross_entropy", "frobenius", "sample", 0.0),
@@ -214,7 +168,7 @@ def _naive_gamp(X, y, loss, reg, lam, beta, n_iter, variance="sample", damping=0
 )
 def test_iterates_equal_a_naive_transcription_of_section_5(loss, reg, variance, damping):
     """The fused loop (factored V, Jacobian traces, low-rank forward, SYRK adjoint) against a plain
-    NumPy transcription of the six steps with materialised sensing matrices."""
+    NumPy transcription of the six steps with materialised sensing matrices (tests/naive.py)."""
     rng = np.random.default_rng(21)
     d, T, lam, beta = 14, 3, 0.05, 1.3
     teacher = aa.Teacher.wishart(d, 0.5, rng)
@@ -228,7 +182,7 @@ def test_iterates_equal_a_naive_transcription_of_section_5(loss, reg, variance, 
     ranks = [np.sum(np.linalg.eigvalsh(S) > 1e-10) for S, _ in seen]
     if reg == "nuclear":
         assert min(ranks) < d  # the low-rank forward path is exercised
-    ref = _naive_gamp(data.X, data.y, loss, reg, lam, beta, 5, variance, damping)
+    ref = naive_gamp(data.X, data.y, loss, reg, lam, beta, 5, variance, damping)
     for (S, V), (S_ref, V_ref) in zip(seen, ref):
         assert np.linalg.norm(S - S_ref) <= 1e-8 * max(np.linalg.norm(S_ref), 1e-12)
         assert V == pytest.approx(V_ref, rel=1e-8)

@@ -1,4 +1,4 @@
-"""Bayes-optimal GAMP-RIE and its state evolution (DESIGN.md sections 6, 7 and 8.5).
+"""Bayes-optimal GAMP-RIE and its state evolution (docs/theory.md §6, §7 and §8.5).
 
 References are independent of the code under test where possible: Gaussian conditioning written
 out with redundant constraints taken straight from ``log y`` (softmax) or in precision form
@@ -12,16 +12,11 @@ import numpy as np
 import pytest
 
 import amp_attention as aa
-from amp_attention.bayes import (
-    BayesAttention,
-    BayesLinearOutput,
-    BayesSoftmaxOutput,
-    RIEDenoiser,
-    bayes_output,
-    bayes_state_evolution,
-    perfect_recovery_threshold,
-    rie_derivative,
-)
+from amp_attention.bayes_outputs import BayesLinearOutput, BayesSoftmaxOutput, bayes_output
+from amp_attention.denoisers import RIEDenoiser, rie_derivative
+from amp_attention.estimators import BayesAttention
+from amp_attention.se import bayes_state_evolution
+from amp_attention.thresholds import perfect_recovery_threshold
 from amp_attention.model import row_softmax
 from amp_attention.operator import adjoint_whitened, sample_gram
 from amp_attention.spectral import SpectralLaw, free_input_side, r_density, rie_mmse, sample_goe
@@ -263,7 +258,7 @@ def test_bayes_se_small_alpha_gives_the_prior_variance(law):
 
 @pytest.mark.parametrize("rho,T", [(0.5, 2), (0.3, 3)])
 def test_bayes_se_perfect_recovery_threshold(rho, T):
-    """Noiseless softmax: mse -> 0 iff alpha > (rho - rho^2/2)/(K-1) (DESIGN 7, 8.5); above it the
+    """Noiseless softmax: mse -> 0 iff alpha > (rho - rho^2/2)/(K-1) (docs/theory.md §7, §8.5); above it the
     mse decays geometrically at the linearised rate alpha_c/alpha."""
     law = SpectralLaw.wishart(rho)
     ac = perfect_recovery_threshold(rho, T)
@@ -368,7 +363,7 @@ def test_bayes_attention_api():
     assert p.shape == (5, T, T) and np.allclose(p.sum(-1), 1.0)
     assert est.score(data.X, data.y) <= 0
     assert est.set_params(max_iter=3).get_params()["max_iter"] == 3
-    with pytest.raises(ValueError, match="unknown"):
+    with pytest.raises(ValueError, match="Invalid parameter 'foo'"):  # scikit-learn's message
         est.set_params(foo=1)
     with pytest.raises(NotImplementedError):
         BayesAttention(aa.HardmaxChannel(), teacher).fit(data.X, data.y)
@@ -417,7 +412,7 @@ def test_softmax_output_does_not_depend_on_beta(rng):
 
 @pytest.mark.parametrize("reg", ["nuclear", "frobenius"])
 def test_bayes_se_mse_below_erm_se_for_every_lam(reg):
-    """DESIGN.md 8.5: the Bayes-optimal mse lower-bounds the ERM mse at the same alpha (SE)."""
+    """docs/theory.md §8.5: the Bayes-optimal mse lower-bounds the ERM mse at the same alpha (SE)."""
     from amp_attention.se import state_evolution
 
     law = SpectralLaw.wishart(0.5)

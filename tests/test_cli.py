@@ -1,4 +1,4 @@
-"""The amp-attention command (DESIGN.md section 9): --json prints exactly one JSON object."""
+"""The amp-attention command (docs/theory.md §9): --json prints exactly one JSON object."""
 
 import json
 import shutil
@@ -50,7 +50,7 @@ def test_run_human_table(capsys):
 
 def test_se_json_curve_against_closed_form(capsys):
     """Square loss + Frobenius, linear channel: the SE fixed point has a closed form we can
-    solve independently (scalar fixed point of the formulas of DESIGN.md section 7)."""
+    solve independently (scalar fixed point of the formulas of docs/theory.md §7)."""
     alphas = [0.1, 0.3]
     res = _json(capsys, ["se", "--alpha", ",".join(map(str, alphas)), "--loss", "square", "--reg", "frobenius",
                          "--channel", "linear", "--noise", "0.2", "--lam", "0.1", "--rho", "0.5", "--tol", "1e-12",

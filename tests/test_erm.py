@@ -1,4 +1,4 @@
-"""DESIGN.md section 4 (and the reference side of check 8.3): the direct ERM minimiser.
+"""docs/theory.md §4 (and the reference side of check 8.3): the direct ERM minimiser.
 
 The checks are independent of the AMP code: a closed-form ridge solution from materialised sensing
 matrices, two unrelated nuclear solvers (L-BFGS on W with S = W W^T vs FISTA on S), finite
@@ -11,12 +11,11 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from scipy.special import logsumexp
 
 import amp_attention as aa
 from amp_attention import erm
 from amp_attention.erm import direct_erm, erm_gradient, erm_objective, kkt_residual
-from helpers import sym_basis
+from naive import naive_cross_entropy, naive_whiten, sensing_tensor, sym_basis
 
 
 def random_symmetric(d, rng):
@@ -44,20 +43,11 @@ def rel(A, B):
 
 def ridge_closed_form(X, y, lam):
     """argmin_S 1/2 sum ||y - h||_F^2 + lam d/2 ||S||_F^2 via whitened normal equations."""
-    n, T, d = X.shape
+    d = X.shape[2]
     E = sym_basis(d)
-    rows, targets = [], []
-    for mu in range(n):
-        for a in range(T):
-            for b in range(a, T):
-                c = np.sqrt(2.0) if a == b else 1.0
-                A = 0.5 * (np.outer(X[mu, a], X[mu, b]) + np.outer(X[mu, b], X[mu, a]))
-                if a == b:
-                    A -= np.eye(d)
-                A /= c * np.sqrt(d)
-                rows.append(np.einsum("kij,ij->k", E, A))
-                targets.append(0.5 * (y[mu, a, b] + y[mu, b, a]) / c)
-    D, z = np.array(rows), np.array(targets)
+    # rows (mu, k): the sensing matrices A_{mu,k} in orthonormal coordinates of Sym_d
+    D = np.einsum("nkij,mij->nkm", sensing_tensor(X), E).reshape(-1, E.shape[0])
+    z = naive_whiten(y).reshape(-1)
     # 1/2 ||y - h||_F^2 = ||z - D v||^2 (+ const for non-symmetric y), ||S||_F = ||v||
     v = np.linalg.solve(2.0 * D.T @ D + lam * d * np.eye(D.shape[1]), 2.0 * D.T @ z)
     return np.einsum("k,kij->ij", v, E)
@@ -133,11 +123,6 @@ def test_hardmax_targets_large_beta():
 # --------------------------------------------------------------------------------------------
 # (3) losses and gradients
 # --------------------------------------------------------------------------------------------
-
-
-def naive_cross_entropy(y, H, beta):
-    """The DESIGN.md formula literally: sum_a [-beta sum_b y_ab h_ab + logsumexp_b(beta h_ab)]."""
-    return float(np.sum(-beta * np.sum(y * H, axis=-1) + logsumexp(beta * H, axis=-1)))
 
 
 @pytest.mark.parametrize("beta", [0.3, 1.0, 7.0, 1e4])

@@ -1,4 +1,4 @@
-"""DESIGN.md section 8.3: the AMP fixed point is the ERM minimiser found independently.
+"""docs/theory.md §8.3: the AMP fixed point is the ERM minimiser found independently.
 
 ``direct_erm`` (amp_attention/erm.py) writes its own loss and gradient in h coordinates and
 minimises the objective with scipy's L-BFGS (on the factorised W for the nuclear penalty, on S

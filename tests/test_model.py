@@ -1,4 +1,4 @@
-"""DESIGN.md section 1: teachers, tokens, channels and sampling."""
+"""docs/theory.md §1: teachers, tokens, channels and sampling."""
 
 import numpy as np
 import pytest

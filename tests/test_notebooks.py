@@ -80,7 +80,7 @@ def test_quickstart_runs_and_matches_its_predictions(monkeypatch, tmp_path):
     cfg = s["config"]
     assert cfg["small"] and cfg["d"] == 60 and cfg["n"] == round(cfg["alpha"] * cfg["d"] ** 2)
 
-    # AMP tracks its state evolution from the same initialisation (DESIGN.md 8.4, loosened for d = 60)
+    # AMP tracks its state evolution from the same initialisation (docs/theory.md §8.4, loosened for d = 60)
     amp, se = s["trajectory"]["mse_amp"], s["trajectory"]["mse_se"]
     assert len(amp) == len(se) == cfg["n_iter"]
     assert abs(amp[-1] - se[-1]) < 0.05
@@ -99,7 +99,7 @@ def test_quickstart_runs_and_matches_its_predictions(monkeypatch, tmp_path):
     assert abs(sp["q_predicted"] - sp["q_empirical"]) < 0.1
     assert sp["cdf_distance"] < 0.1
 
-    # Bayes-optimal error is a lower bound for ERM (DESIGN.md 8.5); zero above perfect recovery
+    # Bayes-optimal error is a lower bound for ERM (docs/theory.md §8.5); zero above perfect recovery
     bo = s["bayes"]
     for al, b, e in zip(bo["alpha"], bo["mse_bayes"], bo["mse_erm_se"]):
         assert b <= e + 1e-6

@@ -1,4 +1,6 @@
-"""DESIGN.md section 8.1: the matrix-free operator against a materialised einsum twin."""
+"""docs/theory.md §8.1: the matrix-free sensing operator (§3, §5) against the materialised naive
+references of ``tests/naive.py``; its kernels against their NumPy twins; the
+:class:`SensingOperator` object."""
 
 import numpy as np
 import pytest
@@ -6,21 +8,55 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import amp_attention as aa
-from amp_attention import operator as op
+from amp_attention import _operator_kernels as kern
+from amp_attention.operator import SensingOperator, whitened_to_G
 from amp_attention.whitening import n_pairs, pair_indices, unwhiten, whiten
-
-
-def naive_sensing(X):
-    """Materialised sensing tensor Z[mu, a, b] = (x_a x_b^T - delta_ab I)/sqrt(d), shape (n,T,T,d,d)."""
-    n, T, d = X.shape
-    Z = np.einsum("nai,nbj->nabij", X, X)
-    Z -= np.eye(T)[None, :, :, None, None] * np.eye(d)[None, None, None, :, :]
-    return Z / np.sqrt(d)
+from naive import naive_adjoint, naive_backproject, naive_forward, naive_preactivations
 
 
 def random_symmetric(d, rng):
     A = rng.standard_normal((d, d))
     return (A + A.T) / 2
+
+
+def syrk_path(X, G):
+    """Adjoint by symmetric rank-k updates, G unvalidated (as GAMP calls it), fresh operator."""
+    return SensingOperator(X).backproject(G, method="syrk", check=False)
+
+
+def gemm_path(X, G):
+    """Adjoint in GEMM form, G unvalidated, fresh operator."""
+    return SensingOperator(X).backproject(G, method="gemm", check=False)
+
+
+def whiten_pairs(H):
+    """``(n, T, T) -> (n, K)`` pair coordinates (as the whitened maps take them)."""
+    ia, ib, c = pair_indices(H.shape[1])
+    return H[:, ia, ib] / c
+
+
+def preactivations_allocating(X, S):
+    """The dense forward with the GEMM output ``X S`` allocated, not written into a work buffer."""
+    n, T, d = X.shape
+    H = kern.pair_contract(X, (X.reshape(n * T, d) @ S).reshape(n, T, d))
+    tr = np.trace(S)
+    for a in range(T):
+        H[:, a, a] -= tr
+    H *= 1.0 / np.sqrt(d)
+    return H
+
+
+def preactivations_factored_allocating(X, F, sigma):
+    """The factored forward with ``Y = X F`` allocated, not written into a work buffer."""
+    n, T, d = X.shape
+    r = F.shape[1]
+    sigma = np.ascontiguousarray(sigma, dtype=np.float64)
+    H = kern.pair_contract_weighted((X.reshape(n * T, d) @ F).reshape(n, T, r), sigma)
+    tr = float(np.einsum("ij,ij->j", F, F) @ sigma)
+    for a in range(T):
+        H[:, a, a] -= tr
+    H *= 1.0 / np.sqrt(d)
+    return H
 
 
 dims = st.tuples(st.integers(1, 12), st.integers(1, 8), st.integers(1, 14), st.integers(0, 2**31))
@@ -33,7 +69,7 @@ def test_forward_equals_einsum_twin(args):
     X = rng.standard_normal((n, T, d))
     S = random_symmetric(d, rng)
     H = aa.preactivations(X, S)
-    H_naive = np.einsum("nabij,ij->nab", naive_sensing(X), S)
+    H_naive = naive_preactivations(X, S)
     assert H.shape == (n, T, T)
     np.testing.assert_allclose(H, H_naive, rtol=0, atol=1e-12 * max(1.0, np.abs(H_naive).max()))
     np.testing.assert_array_equal(H, np.swapaxes(H, 1, 2))
@@ -47,8 +83,7 @@ def test_backproject_equals_einsum_twin_and_is_adjoint(args):
     G = rng.standard_normal((n, T, T))
     S = random_symmetric(d, rng)
     M = aa.backproject(X, G)
-    M_naive = np.einsum("nab,nabij->ij", G, naive_sensing(X))
-    M_naive = (M_naive + M_naive.T) / 2
+    M_naive = naive_backproject(X, G)
     scale = max(1.0, np.abs(M_naive).max())
     np.testing.assert_allclose(M, M_naive, rtol=0, atol=1e-12 * scale)
     np.testing.assert_array_equal(M, M.T)
@@ -66,14 +101,11 @@ def test_whitened_maps_are_adjoint_and_match_twin(args):
     K = n_pairs(T)
     w = rng.standard_normal((n, K))
     z = aa.forward_whitened(X, S)
-    ia, ib, c = pair_indices(T)
-    z_naive = np.einsum("nabij,ij->nab", naive_sensing(X), S)[:, ia, ib] / c
+    z_naive = naive_forward(X, S)
     np.testing.assert_allclose(z, z_naive, atol=1e-12 * max(1.0, np.abs(z_naive).max()))
     M = aa.adjoint_whitened(X, w)
-    # A*(w) = sum_k w_k A_k with A_k = sym(Z_ab)/c_k
-    Z = naive_sensing(X)
-    Zs = 0.5 * (Z[:, ia, ib] + Z[:, ib, ia]) / c[None, :, None, None]
-    M_naive = np.einsum("nk,nkij->ij", w, Zs)
+    # A*(w) = sum_k w_k A_k with A_k = (sym(x_a x_b^T) - delta_ab I)/(c_k sqrt(d))
+    M_naive = naive_adjoint(X, w)
     np.testing.assert_allclose(M, M_naive, atol=1e-12 * max(1.0, np.abs(M_naive).max()))
     assert abs(np.sum(z * w) - np.trace(S @ M)) <= 1e-9 * max(1.0, np.abs(z).sum() + np.abs(M).sum())
 
@@ -83,7 +115,7 @@ def test_sample_gram_equals_materialised_twin(args):
     n, T, d, seed = args
     rng = np.random.default_rng(seed)
     X = rng.standard_normal((n, T, d))
-    np.testing.assert_allclose(aa.sample_gram(X), op._sample_gram_numpy(X), atol=1e-12 * d)
+    np.testing.assert_allclose(aa.sample_gram(X), kern.sample_gram_numpy(X), atol=1e-12 * d)
 
 
 @pytest.mark.parametrize("T", [1, 2, 3, 5, 8])
@@ -91,8 +123,8 @@ def test_kernels_equal_numpy_twins(T, rng):
     X = rng.standard_normal((7, T, 11))
     Y = rng.standard_normal((7, T, 11))
     G = rng.standard_normal((7, T, T))
-    np.testing.assert_allclose(op._pair_contract(X, Y), op._pair_contract_numpy(X, Y), atol=1e-12)
-    np.testing.assert_allclose(op._mix_tokens(G, X), op._mix_tokens_numpy(G, X), atol=1e-12)
+    np.testing.assert_allclose(kern.pair_contract(X, Y), kern.pair_contract_numpy(X, Y), atol=1e-12)
+    np.testing.assert_allclose(kern.mix_tokens(G, X), kern.mix_tokens_numpy(G, X), atol=1e-12)
 
 
 @pytest.mark.parametrize("T", [1, 2, 3])
@@ -109,7 +141,7 @@ def test_expected_gram_is_identity(T, rng):
 
 @pytest.mark.parametrize("T", [1, 2, 4])
 def test_whitened_variances_equal_q(T, rng):
-    """Var z_k = Tr(S^2)/d for every pair k, and z_k uncorrelated (DESIGN.md section 2)."""
+    """Var z_k = Tr(S^2)/d for every pair k, and z_k uncorrelated (docs/theory.md §2)."""
     d, n = 40, 20000
     teacher = aa.Teacher.wishart(d, 0.5, rng)
     X = rng.standard_normal((n, T, d))
@@ -171,13 +203,16 @@ def test_operator_validation_errors(rng):
 
 
 def test_work_buffer_gives_identical_results(rng):
-    """GAMP passes one reusable (n, T, d) buffer to the private forward/adjoint."""
+    """GAMP reuses one operator (one (n, T, d) work buffer) for every forward and adjoint."""
     X = rng.standard_normal((9, 3, 7))
     S = random_symmetric(7, rng)
     G = rng.standard_normal((9, 3, 3))
-    work = np.full(X.shape, np.nan)  # stale content must not leak into the results
-    np.testing.assert_array_equal(op._preactivations(X, S, work), op._preactivations(X, S))
-    np.testing.assert_array_equal(op._backproject(X, G, work), op._backproject(X, G))
+    sop = SensingOperator(X)
+    sop.work[...] = np.nan  # stale content must not leak into the results
+    np.testing.assert_array_equal(sop.preactivations(S), preactivations_allocating(X, S))
+    np.testing.assert_array_equal(sop.preactivations(S), SensingOperator(X).preactivations(S))
+    sop.work[...] = np.nan
+    np.testing.assert_array_equal(sop.backproject(G), SensingOperator(X).backproject(G))
 
 
 # ------------------------------------------------------------------ adjoint by rank-k updates
@@ -230,8 +265,8 @@ def test_jacobi_eig_matches_eigh_twin(T, rng):
     # a non-symmetric input: only its symmetric part may matter
     skew = rng.standard_normal((T, T))
     G = np.concatenate([G, (random_symmetric(T, rng) + skew - skew.T)[None]])
-    lam, V = op._sym_eig(G)
-    lam_ref, V_ref = op._sym_eig_numpy(G)
+    lam, V = kern.sym_eig(G)
+    lam_ref, V_ref = kern.sym_eig_numpy(G)
     Gs = 0.5 * (G + np.swapaxes(G, 1, 2))
     assert lam.shape == (len(G), T) and V.shape == (len(G), T, T)
     for mu in range(len(G)):
@@ -255,9 +290,9 @@ def test_jacobi_eig_is_independent_of_lane_blocking(T, rng):
     G = rng.standard_normal((37, T, T))
     G[5] = 0.0
     G[6] = np.diag(np.arange(T, dtype=float))  # already diagonal: 0 sweeps, next to busy lanes
-    ref = op._sym_eig_kernel(G, 1, op._JACOBI_MAX_SWEEPS)
+    ref = kern.sym_eig_kernel(G, 1, kern.JACOBI_MAX_SWEEPS)
     for lanes in (3, 8, 32, 64):
-        out = op._sym_eig_kernel(G, lanes, op._JACOBI_MAX_SWEEPS)
+        out = kern.sym_eig_kernel(G, lanes, kern.JACOBI_MAX_SWEEPS)
         np.testing.assert_array_equal(out[0], ref[0])
         np.testing.assert_array_equal(out[1], ref[1])
 
@@ -268,16 +303,16 @@ def test_jacobi_eig_nonfinite_input_terminates_with_nan(rng):
     G[1, 0, 2] = np.nan
     G[3, 1, 1] = np.inf
     G[4, 3, 0] = -np.inf
-    lam, V = op._sym_eig(G)
+    lam, V = kern.sym_eig(G)
     for mu in (1, 3, 4):
         assert np.all(np.isnan(lam[mu])) and np.all(np.isnan(V[mu]))
     good = [0, 2, 5]
-    lam_ref = op._sym_eig_numpy(G[good])[0]
+    lam_ref = kern.sym_eig_numpy(G[good])[0]
     np.testing.assert_allclose(np.sort(lam[good], axis=1), lam_ref, atol=1e-13 * np.abs(lam_ref).max())
     X = rng.standard_normal((6, T, 5))
-    assert np.all(np.isnan(op._backproject_syrk(X, G)))
+    assert np.all(np.isnan(syrk_path(X, G)))
     # the sweep cap bounds the work even if convergence were never reached
-    lam0, V0 = op._sym_eig_kernel(G[good], 8, 0)
+    lam0, V0 = kern.sym_eig_kernel(G[good], 8, 0)
     np.testing.assert_array_equal(V0, np.broadcast_to(np.eye(T), V0.shape))
     np.testing.assert_array_equal(lam0, 0.5 * np.diagonal(G[good] + np.swapaxes(G[good], 1, 2), axis1=1, axis2=2))
 
@@ -289,8 +324,8 @@ def test_eig_row_offsets_equal_numpy_twin(rng):
     lam[7] = np.abs(lam[7]) + 1
     lam[9] = -np.abs(lam[9]) - 1
     lam[11, 2] = np.nan
-    got = op._eig_row_offsets(lam)
-    ref = op._eig_row_offsets_numpy(lam)
+    got = kern.eig_row_offsets(lam)
+    ref = kern.eig_row_offsets_numpy(lam)
     for g, r in zip(got, ref):
         np.testing.assert_array_equal(g, r)
     n_pos, n_neg = got[2], got[3]
@@ -301,15 +336,15 @@ def test_eig_row_offsets_equal_numpy_twin(rng):
 def test_pack_eig_rows_equal_numpy_twin(T, rng):
     n, d = 13, 6
     X = rng.standard_normal((n, T, d))
-    lam, V = op._sym_eig_numpy(rng.standard_normal((n, T, T)))
+    lam, V = kern.sym_eig_numpy(rng.standard_normal((n, T, T)))
     lam = lam.copy()
     lam[rng.random(lam.shape) < 0.25] = 0.0  # dropped rows
     lam[2] = np.abs(lam[2])  # a sample without negative rows
     lam[4] = -np.abs(lam[4])  # a sample without positive rows
-    pos_start, neg_start, n_pos, n_neg = op._eig_row_offsets(lam)
+    pos_start, neg_start, n_pos, n_neg = kern.eig_row_offsets(lam)
     W = np.full((n * T, d), np.nan)
-    op._pack_eig_rows(X, lam, V, pos_start, neg_start, W)
-    P, N = op._pack_eig_rows_numpy(X, lam, V)
+    kern.pack_eig_rows(X, lam, V, pos_start, neg_start, W)
+    P, N = kern.pack_eig_rows_numpy(X, lam, V)
     assert P.shape == (n_pos, d) and N.shape == (n_neg, d)
     np.testing.assert_allclose(W[:n_pos], P, rtol=0, atol=1e-13 * max(1.0, np.abs(P).max(initial=0)))
     np.testing.assert_allclose(W[n * T - n_neg:], N, rtol=0, atol=1e-13 * max(1.0, np.abs(N).max(initial=0)))
@@ -323,22 +358,17 @@ def test_syrk_difference_is_exact_symmetric_and_copies_nothing(rng):
     W = rng.standard_normal((30000, d))
     for p, m in ((17000, 13000), (30000, 0), (0, 30000), (0, 0), (1, 1)):
         P, N = W[:p], W[W.shape[0] - m:]
-        M = op._syrk_difference(P, N)
+        M = kern.syrk_difference(P, N)
         np.testing.assert_allclose(M, P.T @ P - N.T @ N, rtol=0, atol=1e-11 * max(1, p + m))
         np.testing.assert_array_equal(M, M.T)
         assert M.flags.c_contiguous and M.shape == (d, d)
     P, N = W[:17000], W[17000:]
-    op._syrk_difference(P, N)
+    kern.syrk_difference(P, N)
     tracemalloc.start()
-    op._syrk_difference(P, N)
+    kern.syrk_difference(P, N)
     peak = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
     assert peak < P.nbytes / 20, f"dsyrk copied its input ({peak} bytes allocated)"
-
-
-def naive_backproject(X, G):
-    M = np.einsum("nab,nabij->ij", G, naive_sensing(X))
-    return (M + M.T) / 2
 
 
 def make_G(n, T, kind, rng):
@@ -372,11 +402,11 @@ def test_backproject_syrk_equals_gemm_path_and_einsum_twin(args):
     rng = np.random.default_rng(seed)
     X = rng.standard_normal((n, T, d))
     G = make_G(n, T, kind, rng)
-    M = op._backproject_syrk(X, G)
+    M = syrk_path(X, G)
     M_naive = naive_backproject(X, G)
     scale = max(1.0, np.abs(M_naive).max())
     np.testing.assert_allclose(M, M_naive, rtol=0, atol=1e-12 * scale)
-    np.testing.assert_allclose(M, op._backproject_gemm(X, G), rtol=0, atol=1e-12 * scale)
+    np.testing.assert_allclose(M, gemm_path(X, G), rtol=0, atol=1e-12 * scale)
     np.testing.assert_array_equal(M, M.T)
     assert M.flags.c_contiguous
     if kind in ("zero", "skew"):  # Gs = 0 and Tr G = 0: nothing at all
@@ -390,12 +420,12 @@ def test_backproject_syrk_one_sided_spectra(kind, T, rng):
     n, d = 9, 5
     X = rng.standard_normal((n, T, d))
     G = make_G(n, T, kind, rng)
-    _, _, n_pos, n_neg = op._eig_row_offsets(op._sym_eig(G)[0])
+    _, _, n_pos, n_neg = kern.eig_row_offsets(kern.sym_eig(G)[0])
     # (rank one: the T - 1 zero eigenvalues come out as +-eps-sized rows of either sign)
     expected = {"positive": (n * T, 0), "negative": (0, n * T), "zero": (0, 0)}.get(kind)
     if expected is not None:
         assert (n_pos, n_neg) == expected
-    M = op._backproject_syrk(X, G)
+    M = syrk_path(X, G)
     np.testing.assert_allclose(M, naive_backproject(X, G), rtol=0, atol=1e-12 * max(1.0, np.abs(M).max()))
 
 
@@ -406,16 +436,18 @@ def test_backproject_dispatch_and_edge_shapes(rng):
         G = rng.standard_normal((n, T, T))
         M_naive = naive_backproject(X, G)
         for method in ("auto", "syrk", "gemm"):
-            np.testing.assert_allclose(op._backproject(X, G, method=method), M_naive,
+            np.testing.assert_allclose(SensingOperator(X).backproject(G, method=method, check=False), M_naive,
                                        atol=1e-13 * max(1, np.abs(M_naive).max()))
     # auto picks syrk at large d, gemm at small d (the two agree only to rounding)
-    X = rng.standard_normal((30, 2, op._SYRK_MIN_D + 2 * op._SYRK_MIN_D_PER_T))
+    X = rng.standard_normal((30, 2, SensingOperator.SYRK_MIN_D + 2 * SensingOperator.SYRK_MIN_D_PER_T))
     G = rng.standard_normal((30, 2, 2))
-    np.testing.assert_array_equal(aa.backproject(X, G), op._backproject_syrk(X, G))
+    assert SensingOperator(X).adjoint_method == "syrk"
+    np.testing.assert_array_equal(aa.backproject(X, G), syrk_path(X, G))
     Xs = X[:, :, :10]
-    np.testing.assert_array_equal(aa.backproject(Xs, G), op._backproject_gemm(Xs, G))
+    assert SensingOperator(Xs).adjoint_method == "gemm"
+    np.testing.assert_array_equal(aa.backproject(Xs, G), gemm_path(Xs, G))
     with pytest.raises(ValueError, match="method"):
-        op._backproject(X, G, method="lu")
+        SensingOperator(X).backproject(G, method="lu")
 
 
 # ------------------------------------------------------------------ factored forward
@@ -436,28 +468,30 @@ def test_factored_forward_equals_einsum_twin_and_dense_forward(args):
     X = rng.standard_normal((n, T, d))
     F, sigma = random_factor(d, r, rng, signs)
     S = (F * sigma) @ F.T
-    H = op._preactivations_factored(X, F, sigma)
-    H_naive = np.einsum("nabij,ij->nab", naive_sensing(X), S)
+    H = SensingOperator(X).preactivations_factored(F, sigma)
+    H_naive = naive_preactivations(X, S)
     scale = max(1.0, np.abs(H_naive).max())
     assert H.shape == (n, T, T)
     np.testing.assert_allclose(H, H_naive, rtol=0, atol=1e-12 * scale)
-    np.testing.assert_allclose(H, op._preactivations(X, S), rtol=0, atol=1e-12 * scale)
+    np.testing.assert_allclose(H, SensingOperator(X).preactivations(S, check=False), rtol=0, atol=1e-12 * scale)
     np.testing.assert_array_equal(H, np.swapaxes(H, 1, 2))
-    z = op._forward_whitened_factored(X, F, sigma)
+    z = SensingOperator(X).forward_factored(F, sigma)
     ia, ib, c = pair_indices(T)
     np.testing.assert_allclose(z, H_naive[:, ia, ib] / c, rtol=0, atol=1e-12 * scale)
 
 
 def test_factored_forward_rank_zero_and_layouts(rng):
     X = rng.standard_normal((5, 3, 6))
-    H = op._preactivations_factored(X, np.zeros((6, 0)), np.zeros(0))
+    H = SensingOperator(X).preactivations_factored(np.zeros((6, 0)), np.zeros(0))
     np.testing.assert_array_equal(H, 0.0)
     # non-contiguous factor (a slice of an eigenbasis, as a denoiser returns) and integer signs
     U = np.linalg.qr(rng.standard_normal((6, 6)))[0]
     F = U[:, 2:5] * 1.5
     sigma = np.array([1, -1, 1])
     S = (F * sigma) @ F.T
-    np.testing.assert_allclose(op._preactivations_factored(X, F, sigma), op._preactivations(X, S), atol=1e-13)
+    sop = SensingOperator(X)
+    np.testing.assert_allclose(sop.preactivations_factored(F, sigma, check=False), sop.preactivations(S, check=False),
+                               atol=1e-13)
 
 
 @pytest.mark.parametrize("T", [1, 2, 5, 8])
@@ -465,24 +499,191 @@ def test_pair_contract_weighted_equals_numpy_twin(T, rng):
     for r in (0, 1, 7):
         Y = rng.standard_normal((6, T, r))
         sigma = rng.standard_normal(r)
-        np.testing.assert_allclose(op._pair_contract_weighted(Y, sigma),
-                                   op._pair_contract_weighted_numpy(Y, sigma), rtol=0, atol=1e-13)
+        np.testing.assert_allclose(kern.pair_contract_weighted(Y, sigma),
+                                   kern.pair_contract_weighted_numpy(Y, sigma), rtol=0, atol=1e-13)
 
 
 def test_work_buffer_gives_identical_results_new_paths(rng):
     n, T, d = 11, 3, 7
     X = rng.standard_normal((n, T, d))
-    work = np.full(X.shape, np.nan)
+    sop = SensingOperator(X)
+    work = sop.work
+    work[...] = np.nan
     for kind in G_KINDS:
         G = make_G(n, T, kind, rng)
-        ref = op._backproject_syrk(X, G)
-        np.testing.assert_array_equal(op._backproject_syrk(X, G, work), ref)
-        np.testing.assert_array_equal(op._backproject(X, G, work, method="syrk"), ref)
+        ref = syrk_path(X, G)
+        np.testing.assert_array_equal(sop.backproject(G, method="syrk", check=False), ref)
         work[:] = np.nan
+        np.testing.assert_array_equal(sop.backproject(G, method="syrk"), ref)
+        work[:] = np.nan
+    ia, ib, c = pair_indices(T)
     for r in (0, 1, d - 1, d, d + 3):  # r > d: the buffer is too small and is not used
         F, sigma = random_factor(d, r, rng)
-        np.testing.assert_array_equal(op._preactivations_factored(X, F, sigma, work),
-                                      op._preactivations_factored(X, F, sigma))
-        np.testing.assert_array_equal(op._forward_whitened_factored(X, F, sigma, work),
-                                      op._forward_whitened_factored(X, F, sigma))
+        ref = preactivations_factored_allocating(X, F, sigma)
+        np.testing.assert_array_equal(sop.preactivations_factored(F, sigma), ref)
+        np.testing.assert_array_equal(sop.preactivations_factored(F, sigma),
+                                      SensingOperator(X).preactivations_factored(F, sigma))
         work[:] = np.inf
+        np.testing.assert_array_equal(sop.forward_factored(F, sigma), ref[:, ia, ib] / c)
+        np.testing.assert_array_equal(sop.forward_factored(F, sigma),
+                                      SensingOperator(X).forward_factored(F, sigma))
+        work[:] = np.inf
+
+
+# ------------------------------------------------------------------ the SensingOperator object
+
+
+@pytest.mark.parametrize("T", [1, 2, 5])
+@pytest.mark.parametrize("d", [6, SensingOperator.SYRK_MIN_D + 5 * SensingOperator.SYRK_MIN_D_PER_T])
+def test_sensing_operator_methods_equal_free_functions(T, d, rng):
+    n = 13
+    X = rng.standard_normal((n, T, d))
+    S = random_symmetric(d, rng)
+    G = rng.standard_normal((n, T, T))
+    K = n_pairs(T)
+    w = rng.standard_normal((n, K))
+    sop = SensingOperator(X)
+    assert (sop.n, sop.T, sop.d, sop.K) == (n, T, d, K)
+    assert sop.X is X  # float64 C-contiguous input: validated, not copied
+    assert sop.adjoint_method == ("syrk" if d >= 60 + 10 * T else "gemm")
+    for _ in range(2):  # the second round runs on a used buffer
+        np.testing.assert_array_equal(sop.preactivations(S), aa.preactivations(X, S))
+        np.testing.assert_array_equal(sop.forward(S), aa.forward_whitened(X, S))
+        np.testing.assert_array_equal(sop.backproject(G), aa.backproject(X, G))
+        np.testing.assert_array_equal(sop.adjoint(w), aa.adjoint_whitened(X, w))
+        np.testing.assert_array_equal(sop.gram(), aa.sample_gram(X))
+        # check=False (the GAMP hot path) computes the same thing
+        np.testing.assert_array_equal(sop.forward(S, check=False), aa.forward_whitened(X, S))
+        np.testing.assert_array_equal(sop.adjoint(w, check=False), aa.adjoint_whitened(X, w))
+    # the whitened maps are the (n, T, T) maps in pair coordinates
+    np.testing.assert_array_equal(sop.forward(S), whiten_pairs(sop.preactivations(S)))
+    np.testing.assert_array_equal(sop.adjoint(w), sop.backproject(whitened_to_G(w, T)))
+    # factored forward: sigma=None means ones
+    F = rng.standard_normal((d, 3))
+    np.testing.assert_array_equal(sop.forward_factored(F), sop.forward_factored(F, np.ones(3)))
+    np.testing.assert_array_equal(sop.forward_factored(F, check=False), sop.forward_factored(F))
+    np.testing.assert_array_equal(sop.forward_factored(F), whiten_pairs(sop.preactivations_factored(F)))
+    assert "n=13" in repr(sop)
+
+
+def test_sensing_operator_gram_is_cached(rng):
+    X = rng.standard_normal((6, 3, 5))
+    sop = SensingOperator(X)
+    Gam = sop.gram()
+    assert Gam.shape == (6, n_pairs(3), n_pairs(3))
+    assert sop.gram() is Gam
+    np.testing.assert_array_equal(Gam, kern.sample_gram(X))
+    np.testing.assert_allclose(Gam, kern.sample_gram_numpy(X), atol=1e-12 * 5)
+
+
+@pytest.mark.parametrize("d", [70, 90])  # "auto" adjoint: gemm, syrk at T = 2 (d >> T: n T d dominates)
+def test_sensing_operator_reuses_its_work_buffer(d, rng):
+    """One (n, T, d) buffer for the life of the operator: same object, same memory, actually used,
+    and no call allocates another n T d array."""
+    import tracemalloc
+
+    n, T = 3000, 2
+    X = rng.standard_normal((n, T, d))
+    S = random_symmetric(d, rng)
+    w = rng.standard_normal((n, n_pairs(T)))
+    G = rng.standard_normal((n, T, T))
+    F = rng.standard_normal((d, d // 2))
+    sop = SensingOperator(X)
+    assert sop.adjoint_method == ("gemm" if d < 80 else "syrk")
+    buf = sop.work
+    ptr = buf.ctypes.data
+    assert buf.shape == X.shape and buf.dtype == np.float64 and buf.flags.c_contiguous
+    calls = [
+        lambda: sop.forward(S, check=False),
+        lambda: sop.adjoint(w, check=False),
+        lambda: sop.forward_factored(F, check=False),
+        lambda: sop.backproject(G, method="syrk", check=False),
+        lambda: sop.backproject(G, method="gemm", check=False),
+        lambda: sop.preactivations(S),
+    ]
+    for call in calls:
+        call()  # warm up (compilation, caches)
+    for call in calls:
+        buf[...] = np.nan
+        tracemalloc.start()
+        call()
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        assert sop.work is buf and buf.ctypes.data == ptr
+        assert not np.all(np.isnan(buf)), "the intermediate did not go through the work buffer"
+        assert peak < X.nbytes / 4, f"a call allocated {peak} bytes (X is {X.nbytes})"
+
+
+@given(st.tuples(st.integers(1, 9), st.integers(1, 8), st.integers(1, 12), st.integers(0, 2**31)))
+def test_sensing_operator_forward_and_adjoint_are_adjoint(args):
+    """<A S, w> == <S, A* w> and <H(S), G> == Tr(S M(G)) through one object (both adjoint paths)."""
+    n, T, d, seed = args
+    rng = np.random.default_rng(seed)
+    X = rng.standard_normal((n, T, d))
+    S = random_symmetric(d, rng)
+    sop = SensingOperator(X)
+    w = rng.standard_normal((n, sop.K))
+    G = rng.standard_normal((n, T, T))
+    z, M = sop.forward(S), sop.adjoint(w)
+    assert z.shape == (n, sop.K) and M.shape == (d, d)
+    np.testing.assert_array_equal(M, M.T)
+    lhs, rhs = np.sum(z * w), np.sum(S * M)
+    assert abs(lhs - rhs) <= 1e-10 * max(1.0, np.abs(z).sum() * np.abs(w).max() + np.abs(S).sum() * np.abs(M).max())
+    H = sop.preactivations(S)
+    for method in ("syrk", "gemm"):
+        Mg = sop.backproject(G, method=method)
+        lhs, rhs = np.sum(H * G), np.sum(S * Mg)
+        assert abs(lhs - rhs) <= 1e-10 * max(1.0, np.abs(H).sum() * np.abs(G).max() + np.abs(S).sum() * np.abs(Mg).max())
+    # factored S = F diag(sigma) F^T
+    F, sigma = random_factor(d, max(1, d // 2), rng)
+    zf = sop.forward_factored(F, sigma)
+    Sf = (F * sigma) @ F.T
+    assert abs(np.sum(zf * w) - np.sum(Sf * M)) <= 1e-10 * max(1.0, np.abs(zf).sum() * np.abs(w).max()
+                                                               + np.abs(Sf).sum() * np.abs(M).max())
+
+
+def test_sensing_operator_validation_errors_name_the_argument(rng):
+    n, T, d = 4, 3, 5
+    X = rng.standard_normal((n, T, d))
+    S = random_symmetric(d, rng)
+    for bad in (X[0], np.zeros((0, T, d)), rng.standard_normal((2, 9, d)), X.astype(complex)):
+        with pytest.raises(ValueError, match="X|T must be"):
+            SensingOperator(bad)
+    Xn = X.copy()
+    Xn[1, 2, 3] = np.nan
+    with pytest.raises(ValueError, match="X contains NaN"):
+        SensingOperator(Xn)
+    sop = SensingOperator(X)
+    for method in (sop.preactivations, sop.forward):
+        with pytest.raises(ValueError, match="S must have shape"):
+            method(S[:4, :4])
+        with pytest.raises(ValueError, match="S must be symmetric"):
+            method(rng.standard_normal((d, d)))
+        with pytest.raises(ValueError, match="S contains NaN or inf"):
+            method(np.full((d, d), np.inf))
+        with pytest.raises(ValueError, match="S must be 2-dimensional"):
+            method(np.ones(d))
+    with pytest.raises(ValueError, match="G must have shape"):
+        sop.backproject(rng.standard_normal((n, T + 1, T + 1)))
+    with pytest.raises(ValueError, match="G must be 3-dimensional"):
+        sop.backproject(rng.standard_normal((T, T)))
+    with pytest.raises(ValueError, match="w must have shape"):
+        sop.adjoint(rng.standard_normal((n, sop.K + 1)))
+    with pytest.raises(ValueError, match="w contains NaN"):
+        sop.adjoint(np.full((n, sop.K), np.nan))
+    with pytest.raises(ValueError, match="F must have shape"):
+        sop.forward_factored(rng.standard_normal((d + 1, 2)))
+    with pytest.raises(ValueError, match="F must be 2-dimensional"):
+        sop.preactivations_factored(rng.standard_normal(d))
+    with pytest.raises(ValueError, match="sigma must have shape"):
+        sop.forward_factored(rng.standard_normal((d, 2)), np.ones(3))
+    with pytest.raises(ValueError, match="sigma contains NaN"):
+        sop.forward_factored(rng.standard_normal((d, 2)), np.array([1.0, np.nan]))
+    # the checks the methods run, for validating once up front
+    np.testing.assert_array_equal(sop.check_S(S), S)
+    with pytest.raises(ValueError, match="S must be symmetric"):
+        sop.check_S(rng.standard_normal((d, d)))
+    # check=False skips validation (the caller vouches for the argument): no error, same formula
+    A = rng.standard_normal((d, d))
+    np.testing.assert_array_equal(sop.preactivations(A, check=False), preactivations_allocating(X, A))
+

@@ -1,4 +1,4 @@
-"""DESIGN.md section 8.4 and the SE predictions: AMP iterates track the state evolution.
+"""docs/theory.md §8.4 and the SE predictions: AMP iterates track the state evolution.
 
 The SE never sees the sampled data: it integrates over Gaussians and random matrices. AMP runs
 on sampled sequences. Agreement at large d is the check.
@@ -10,14 +10,11 @@ from hypothesis import Phase, given, settings
 from hypothesis import strategies as st
 
 import amp_attention as aa
-from amp_attention.channels import SquareLoss
+from amp_attention.losses import SquareLoss
 from amp_attention.erm import direct_erm
-from amp_attention.se import (
-    OutputSide,
-    interpolation_threshold,
-    recovery_threshold,
-    state_evolution,
-)
+from amp_attention.factors import OutputFactor
+from amp_attention.se import OutputSample, state_evolution
+from amp_attention.thresholds import interpolation_threshold, recovery_threshold
 from amp_attention.spectral import SpectralLaw, shat_spectrum
 from amp_attention.whitening import n_pairs
 
@@ -56,7 +53,7 @@ def _check_tracking(d, combo, T, alpha, rho, lam, beta, noise, seed):
     assert gap[-1] <= 0.01, gap
 
 
-# The fast profile stays in the regime where DESIGN.md's prototype verified the 0.01 tolerance at
+# The fast profile stays in the regime where docs/theory.md's prototype verified the 0.01 tolerance at
 # d = 200 (alpha 0.3-0.5, moderate beta and rho). Outside it, e.g. cross-entropy + frobenius at
 # beta = 2, rho = 1, alpha = 0.58, single instances differ from the SE by ~0.012 at d = 200, with
 # either sign across seeds (finite-d fluctuation; the seed-averaged gap is ~0.002); the slow
@@ -128,9 +125,15 @@ def test_square_loss_closed_form_equals_monte_carlo_output_side():
     """The closed-form square-loss output side against the generic Monte-Carlo path."""
     law_Q, alpha, T = 1.5, 0.4, 3
     for channel in (aa.LinearChannel(0.3), aa.SoftmaxChannel(1.5)):
-        closed = OutputSide(alpha, T, law_Q, SquareLoss(), channel, n_mc=200_000, seed=1)
-        mc = OutputSide(alpha, T, law_Q, SquareLoss(), channel, n_mc=200_000, seed=1)
-        mc.closed_form = False
+        sample = OutputSample(alpha, T, law_Q, channel, n_mc=200_000, seed=1)
+        loss = SquareLoss()
+
+        def closed(m, q, V):
+            return loss.se_conjugates(sample, m, q, V)
+
+        def mc(m, q, V):  # the generic path of the output-factor contract
+            return OutputFactor.se_conjugates(loss, sample, m, q, V)
+
         for m, q, V in [(0.0, 0.0, 1.0), (0.4, 0.5, 0.3), (1.0, 1.2, 0.05)]:
             a1, m1, q1, _ = closed(m, q, V)
             a2, m2, q2, err = mc(m, q, V)
@@ -138,7 +141,7 @@ def test_square_loss_closed_form_equals_monte_carlo_output_side():
             assert abs(m1 - m2) <= 5 * err["m_hat"] + 1e-3 * abs(m1)
             assert abs(q1 - q2) <= 5 * err["q_hat"] + 1e-3 * q1
         K = n_pairs(T)
-        if isinstance(channel, aa.LinearChannel):  # DESIGN.md 7's closed form
+        if isinstance(channel, aa.LinearChannel):  # docs/theory.md §7's closed form
             m, q, V = 0.3, 0.4, 0.5
             a1, m1, q1, _ = closed(m, q, V)
             assert np.isclose(a1, 2 * alpha * K / (1 + 2 * V))

@@ -1,4 +1,4 @@
-"""Tests for amp_attention.spectral (DESIGN.md sections 6 and 7).
+"""Tests for amp_attention.spectral (docs/theory.md §6 and §7).
 
 Every check compares against an independent reference: sampled random matrices, closed forms,
 free-cumulant moment formulas, an independent subordination solve (Marchenko-Pastur quadratic +
@@ -20,14 +20,37 @@ from amp_attention.spectral import (
     LinearShrinkage,
     SoftThreshold,
     SpectralLaw,
-    finite_input_side,
     free_input_side,
     r_density,
     rie_denoiser,
     rie_mmse,
     shat_spectrum,
 )
-from helpers import sym_basis
+from amp_attention.spectral._kernels import biane_nodes, biane_nodes_numpy
+from amp_attention.spectral.backends import AtomsBackend
+from amp_attention.denoisers import spectral_divergence
+from amp_attention.factors import InputFactor
+from amp_attention.spectral.scalar_maps import denoiser_derivative
+from naive import sym_basis
+
+
+class _MapFactor(InputFactor):
+    """An input factor defined by nothing but a scalar map (tests the generic finite-d path)."""
+
+    def __init__(self, f):
+        self.f = f
+
+    def scalar_map(self, A_hat):
+        return self.f
+
+
+def finite_input_side(lam, a, Delta, f, A_hat, **kw):
+    """The finite-d SE input side of the generic input factor with scalar map ``f``."""
+    return _MapFactor(f).se_overlaps_finite(lam, a, Delta, A_hat, **kw)
+
+
+def _divergence(L, f):
+    return spectral_divergence(L, f(L), denoiser_derivative(f, L))
 
 # ----------------------------------------------------------------------------------------------
 # independent references
@@ -184,7 +207,7 @@ def test_validation_errors_name_the_argument(call, name):
 
 
 # ----------------------------------------------------------------------------------------------
-# the Wishart cubic (DESIGN.md 7(b)) against independent references
+# the Wishart cubic (docs/theory.md §7(b)) against independent references
 # ----------------------------------------------------------------------------------------------
 
 
@@ -395,13 +418,13 @@ def test_numba_kernels_match_numpy_twins():
     w = rng.uniform(0.5, 1.5, lam.size)
     w /= w.sum()
     for Delta in (1e-4, 0.01, 1.0):
-        b_nb = sp._AtomsBackend(lam, w, 1.0, Delta, use_numba=True)
-        b_np = sp._AtomsBackend(lam, w, 1.0, Delta, use_numba=False)
+        b_nb = AtomsBackend(lam, w, 1.0, Delta, use_numba=True)
+        b_np = AtomsBackend(lam, w, 1.0, Delta, use_numba=False)
         np.testing.assert_allclose(b_nb.t_intervals, b_np.t_intervals, rtol=1e-12, atol=1e-12)
         np.testing.assert_allclose(b_nb._dips, b_np._dips, rtol=1e-9, atol=1e-12)
         u = np.concatenate([np.linspace(lo, hi, 40) for lo, hi in b_nb.t_intervals])
-        o1 = sp._biane_nodes_nb(u, b_nb.alpha, b_nb.w, Delta)
-        o2 = sp._biane_nodes_np(u, b_nb.alpha, b_nb.w, Delta)
+        o1 = biane_nodes(u, b_nb.alpha, b_nb.w, Delta)
+        o2 = biane_nodes_numpy(u, b_nb.alpha, b_nb.w, Delta)
         # (near the edges v = O(sqrt(distance)) is only determined to ~sqrt(eps): compare absolutely)
         np.testing.assert_allclose(o1[:, 1:], o2[:, 1:], rtol=1e-10, atol=1e-7 * np.abs(o2[:, 1:]).max())
         x = np.linspace(b_nb.x_intervals[0, 0] - 1, b_nb.x_intervals[-1, 1] + 1, 57)
@@ -447,7 +470,7 @@ def test_kinked_integrals_match_adaptive_quadrature(law, a, Delta):
 
 
 # ----------------------------------------------------------------------------------------------
-# spectral divergence (DESIGN.md 5.6) vs finite differences
+# spectral divergence (docs/theory.md §5.6) vs finite differences
 # ----------------------------------------------------------------------------------------------
 
 
@@ -470,12 +493,12 @@ def test_spectral_divergence_matches_finite_differences(f):
     for E in sym_basis(d):
         dF = (_spectral_map(R + h * E, f) - _spectral_map(R - h * E, f)) / (2 * h)
         div_fd += np.sum(dF * E)
-    assert sp._divergence(L, f) == pytest.approx(div_fd, rel=1e-6, abs=1e-8)
+    assert _divergence(L, f) == pytest.approx(div_fd, rel=1e-6, abs=1e-8)
     # degenerate eigenvalues: R = c I -> F(R) = f(c) I + f'(c) H + ..., div = N f'(c)
     c = 0.9
     N = d * (d + 1) // 2
     fp = (f(np.array([c + h])) - f(np.array([c - h])))[0] / (2 * h)
-    assert sp._divergence(np.full(d, c), f) == pytest.approx(N * fp, rel=1e-6)
+    assert _divergence(np.full(d, c), f) == pytest.approx(N * fp, rel=1e-6)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -490,7 +513,7 @@ def test_spectral_divergence_matches_finite_differences(f):
 )
 @pytest.mark.parametrize("a", [0.0, 0.4, 1.7])
 def test_free_input_side_linear_shrinkage_closed_form(law, a):
-    """DESIGN.md 7(b): c = A/(A+lam), m = c a Q*, q = c^2 (a^2 Q* + Delta), V = c/(2 A)."""
+    """docs/theory.md §7(b): c = A/(A+lam), m = c a Q*, q = c^2 (a^2 Q* + Delta), V = c/(2 A)."""
     A_hat, lam_reg, Delta = 1.3, 0.4, 0.35
     c = A_hat / (A_hat + lam_reg)
     m, q, V = free_input_side(law, a, Delta, LinearShrinkage(c), A_hat)
@@ -577,7 +600,7 @@ def test_free_vs_finite_input_side_linear_shrinkage():
 
 
 # ----------------------------------------------------------------------------------------------
-# Bayes RIE (DESIGN.md section 6)
+# Bayes RIE (docs/theory.md §6)
 # ----------------------------------------------------------------------------------------------
 
 
@@ -633,7 +656,7 @@ def test_rie_scaling_in_a():
 def test_rie_mmse_small_noise_slope_counts_degrees_of_freedom(rho):
     """mmse(Delta)/Delta -> 2 rho - rho^2 for a rank-rho d PSD teacher: the fraction of the
     d^2/2 coordinates of Sym_d that a rank-r matrix has (r d - r^2/2), i.e. the perfect-recovery
-    threshold alpha = (rho - rho^2/2)/(K-1) of DESIGN.md section 7."""
+    threshold alpha = (rho - rho^2/2)/(K-1) of docs/theory.md §7."""
     slope = rie_mmse(SpectralLaw.wishart(rho), 1e-7) / 1e-7
     assert slope == pytest.approx(rho * (2 - rho), abs=1e-3)
 

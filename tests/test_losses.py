@@ -1,4 +1,4 @@
-"""Tests of amp_attention.channels: losses, prox, g_out (DESIGN.md sections 2, 4, 5)."""
+"""Tests of amp_attention.losses: losses, prox, g_out (docs/theory.md §2, §4, §5)."""
 
 from __future__ import annotations
 
@@ -9,18 +9,27 @@ from hypothesis import strategies as st
 from scipy.optimize import minimize
 from scipy.special import logsumexp
 
-from amp_attention import channels as ch
-from amp_attention.channels import (
+from amp_attention.losses import (
     CrossEntropyLoss,
     Loss,
     SquareLoss,
     cross_entropy_g_out,
     cross_entropy_prox,
+    gram_g_out,
     make_loss,
     square_g_out,
     square_prox,
 )
+from amp_attention.losses._cross_entropy_kernels import (
+    ce_prox_numpy,
+    ce_value_numpy,
+    factor_prox_matrix,
+    run_ce_derivs,
+    z_adjoint,
+)
+from amp_attention.losses._linalg import cholesky_inplace
 from amp_attention.model import row_softmax
+from amp_attention.variance import GramVariance
 from amp_attention.whitening import flat_direction, n_pairs, unwhiten, whiten
 
 FAST = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -33,7 +42,7 @@ def _compile_kernels_once():
     y = np.full((2, 2, 2), 0.5)
     z = np.zeros((2, 3))
     cross_entropy_g_out(y, z, 1.0, 1.0)
-    ch._ce_derivs_numba(y, z, 1.0)
+    run_ce_derivs(y, z, 1.0)
     for T in range(3, 9):  # the prox kernel is specialised (compiled separately) for each T
         cross_entropy_g_out(np.full((2, T, T), 1.0 / T), np.zeros((2, n_pairs(T))), 1.0, 1.0)
 
@@ -116,7 +125,7 @@ def test_ce_prox_kernel_matches_numpy_twin(T, beta, Vkind, v, targets, seed):
     # tight tolerance for both: agreement to ~1e-10 relative
     g, dg, info = cross_entropy_g_out(y, omega, V, beta, tol=1e-13, max_newton=100)
     p = info["p"]
-    p2, g2, dg2, it2, st2 = ch._ce_prox_numpy(y, omega, full_V(V, n, K), beta, tol=1e-13, max_newton=100)
+    p2, g2, dg2, it2, st2 = ce_prox_numpy(y, omega, full_V(V, n, K), beta, tol=1e-13, max_newton=100)
     assert info["n_failed"] == 0 and np.all(st2 <= 1)
     zscale = 1.0 + np.abs(omega).max() + np.abs(p).max()
     np.testing.assert_allclose(p, p2, rtol=0, atol=1e-10 * zscale)
@@ -137,8 +146,8 @@ def test_ce_derivative_kernel_matches_numpy(T, beta, seed):
     y = softmax_targets(rng, n, T, 1.0)
     z = rng.standard_normal((n, n_pairs(T)))
     loss = CrossEntropyLoss(beta)
-    v, g, H = ch._ce_derivs_numba(y, z, beta)
-    v_numpy = ch._ce_value_z(y, z, beta)
+    v, g, H = run_ce_derivs(y, z, beta)
+    v_numpy = ce_value_numpy(y, z, beta)
     np.testing.assert_allclose(v, v_numpy, rtol=1e-12, atol=1e-12 * beta)
     np.testing.assert_allclose(loss.value_z(y, z), v_numpy, rtol=1e-12, atol=1e-12 * beta)
     np.testing.assert_allclose(g, loss.grad_z(y, z), rtol=0, atol=1e-12 * beta)
@@ -203,7 +212,7 @@ def test_grad_h_matches_finite_differences_and_chain_rule(T):
         np.testing.assert_allclose(G, G_fd, rtol=1e-6, atol=1e-7)
         # consistency of h- and z-coordinates
         np.testing.assert_allclose(loss.value_z(y, z), loss.value(y, H), rtol=1e-13, atol=1e-13)
-        np.testing.assert_allclose(loss.grad_z(y, z), ch._z_adjoint(G), rtol=1e-12, atol=1e-13)
+        np.testing.assert_allclose(loss.grad_z(y, z), z_adjoint(G), rtol=1e-12, atol=1e-13)
 
 
 def test_grad_h_formulas():
@@ -333,7 +342,7 @@ def test_jacobian_trace_mode_and_V_forms_agree():
     # general (non-diagonal) Cholesky path vs diagonal fast path on the same V
     Vd = random_V(rng, n, K, "diag")
     g5, dg5, info5 = cross_entropy_g_out(y, omega, Vd, 2.0)
-    p6, g6, dg6, _, _ = ch._ce_prox_numpy(y, omega, Vd, 2.0)
+    p6, g6, dg6, _, _ = ce_prox_numpy(y, omega, Vd, 2.0)
     np.testing.assert_allclose(dg5, dg6, atol=1e-9)
 
 
@@ -348,17 +357,17 @@ def test_gram_g_out_matches_numpy_twin_jacobian(T, Gkind, v):
     y = softmax_targets(rng, n, T, 1.5)
     omega = rng.standard_normal((n, K))
     gamma = np.eye(K) if Gkind == "identity" else random_V(rng, n, K, Gkind)
-    gram = ch.GramVariance(gamma)
+    gram = GramVariance(gamma)
     gamma_full = np.broadcast_to(gamma, (n, K, K))
     loss = CrossEntropyLoss(1.5)
-    g, a, info = ch.gram_g_out(loss, y, omega, v, gram)
+    g, a, info = gram_g_out(loss, y, omega, v, gram)
     assert info["n_failed"] == 0 and a.shape == (n,)
-    p_np, g_np, dg_np, _, _ = ch._ce_prox_numpy(y, omega, v * np.asarray(gamma_full), 1.5)
+    p_np, g_np, dg_np, _, _ = ce_prox_numpy(y, omega, v * np.asarray(gamma_full), 1.5)
     np.testing.assert_allclose(info["p"], p_np, rtol=0, atol=1e-9)
     np.testing.assert_allclose(g, g_np, rtol=0, atol=1e-9)
     np.testing.assert_allclose(a, np.einsum("nkl,nkl->n", gamma_full, dg_np), rtol=1e-9, atol=1e-12)
     # square loss goes through the generic g_out; dg = 2 (I + 2 v Gamma)^{-1}
-    g2, a2, _ = ch.gram_g_out(SquareLoss(), y, omega, v, gram)
+    g2, a2, _ = gram_g_out(SquareLoss(), y, omega, v, gram)
     dg_sq = 2.0 * np.linalg.inv(np.eye(K)[None] + 2.0 * v * gamma_full)
     np.testing.assert_allclose(a2, np.einsum("nkl,nkl->n", gamma_full, dg_sq), rtol=1e-12)
     np.testing.assert_allclose(g2, SquareLoss().g_out(y, omega, v * np.asarray(gamma_full))[0], atol=1e-12)
@@ -377,11 +386,11 @@ def test_gram_trace_at_extreme_beta_and_variance(T, beta, v):
     y = np.concatenate([softmax_targets(rng, n // 2, T, beta), onehot_targets(rng, n - n // 2, T)])
     omega = rng.standard_normal((n, K))
     gamma = random_V(rng, n, K, "sample")
-    gram = ch.GramVariance(gamma)
+    gram = GramVariance(gamma)
     loss = CrossEntropyLoss(beta, tol=1e-13)
-    g, a, info = ch.gram_g_out(loss, y, omega, v, gram)
+    g, a, info = gram_g_out(loss, y, omega, v, gram)
     assert info["n_failed"] == 0 and np.all(a >= 0)
-    p2, g2, dg2, _, st2 = ch._ce_prox_numpy(y, omega, v * gamma, beta, tol=1e-13)
+    p2, g2, dg2, _, st2 = ce_prox_numpy(y, omega, v * gamma, beta, tol=1e-13)
     assert np.all(st2 <= 1)
     # relative per sample: the traces span many orders of magnitude (saturated rows), down to
     # underflow (atol covers subnormal values)
@@ -404,9 +413,9 @@ def test_newton_matrix_shift_safeguard():
     H = 1e22 * (np.eye(K) - np.ones((K, K)) / 3)
     W = 1e-3 * np.eye(K)
     N = H + W
-    assert not ch._cholesky_inplace(N.copy())  # precondition: numerically indefinite
+    assert not cholesky_inplace(N.copy())  # precondition: numerically indefinite
     C, dinv = np.empty((K, K)), np.empty(K)
-    assert ch._factor_prox_matrix(W, 1.0, False, H, C, dinv)
+    assert factor_prox_matrix(W, 1.0, False, H, C, dinv)
     Lf = np.tril(C)
     np.testing.assert_allclose(Lf @ Lf.T, N, rtol=0, atol=1e-13 * np.abs(N).max())
     np.testing.assert_allclose(dinv, 1.0 / np.diag(C), rtol=1e-15)
@@ -417,9 +426,9 @@ def test_newton_matrix_shift_safeguard():
     W = 0.5 * np.eye(4) + B @ B.T / 4
     C, dinv = np.empty((4, 4)), np.empty(4)
     W_lower = W + np.triu(np.full((4, 4), 99.0), 1)  # strict upper triangle must not be read
-    assert ch._factor_prox_matrix(W_lower, 2.0, False, H, C, dinv)
+    assert factor_prox_matrix(W_lower, 2.0, False, H, C, dinv)
     np.testing.assert_allclose(np.tril(C), np.linalg.cholesky(H + 2.0 * W), rtol=1e-13, atol=1e-13)
-    assert ch._factor_prox_matrix(W, 2.0, True, H, C, dinv)  # diag mode: off-diagonals ignored
+    assert factor_prox_matrix(W, 2.0, True, H, C, dinv)  # diag mode: off-diagonals ignored
     np.testing.assert_allclose(
         np.tril(C), np.linalg.cholesky(H + 2.0 * np.diag(np.diag(W))), rtol=1e-13, atol=1e-13
     )
@@ -432,28 +441,28 @@ def test_gram_g_out_zero_variance_and_validation():
     y = softmax_targets(rng, n, T, 1.0)
     omega = rng.standard_normal((n, K))
     gamma = random_V(rng, n, K, "sample")
-    gram = ch.GramVariance(gamma)
+    gram = GramVariance(gamma)
     loss = CrossEntropyLoss(1.0)
-    g, a, info = ch.gram_g_out(loss, y, omega, 0.0, gram)
+    g, a, info = gram_g_out(loss, y, omega, 0.0, gram)
     np.testing.assert_allclose(g, -loss.grad_z(y, omega), atol=1e-12)
     np.testing.assert_allclose(a, np.einsum("nkl,nkl->n", gamma, loss.hess_z(y, omega)), atol=1e-12)
     # warm start reproduces the cold answer
-    g_w, a_w, _ = ch.gram_g_out(loss, y, omega, 0.5, gram, p0=ch.gram_g_out(loss, y, omega, 0.5, gram)[2]["p"])
-    g_c, a_c, _ = ch.gram_g_out(loss, y, omega, 0.5, gram)
+    g_w, a_w, _ = gram_g_out(loss, y, omega, 0.5, gram, p0=gram_g_out(loss, y, omega, 0.5, gram)[2]["p"])
+    g_c, a_c, _ = gram_g_out(loss, y, omega, 0.5, gram)
     np.testing.assert_allclose(g_w, g_c, atol=1e-10)
     np.testing.assert_allclose(a_w, a_c, rtol=1e-10)
     bad = gamma.copy()
     bad[0] = -np.eye(K)
     with pytest.raises(ValueError, match="positive definite"):
-        ch.GramVariance(bad)
+        GramVariance(bad)
     with pytest.raises(ValueError, match="gamma"):
-        ch.GramVariance(np.ones((2, 3)))
+        GramVariance(np.ones((2, 3)))
     with pytest.raises(ValueError, match="v"):
-        ch.gram_g_out(loss, y, omega, -1.0, gram)
+        gram_g_out(loss, y, omega, -1.0, gram)
     with pytest.raises(ValueError, match="gram"):
-        ch.gram_g_out(loss, y, omega, 0.5, ch.GramVariance(random_V(rng, n + 1, K, "sample")))
+        gram_g_out(loss, y, omega, 0.5, GramVariance(random_V(rng, n + 1, K, "sample")))
     with pytest.raises(ValueError, match="gram"):
-        ch.gram_g_out(loss, y, omega, 0.5, ch.GramVariance(np.eye(K + 1)))
+        gram_g_out(loss, y, omega, 0.5, GramVariance(np.eye(K + 1)))
 
 
 @pytest.mark.parametrize("loss,T", [(SquareLoss(), 1), (SquareLoss(), 3), (CrossEntropyLoss(2.0), 3)])
@@ -534,7 +543,7 @@ def test_flat_direction(T, Vkind, seed):
         # u is an eigenvector of V: the prox leaves the u-component of omega unchanged
         assert np.abs(shift).max() < 1e-10
     else:
-        # general per-sample V: u^T p != u^T omega (DESIGN.md's statement needs V u ~ u)
+        # general per-sample V: u^T p != u^T omega (docs/theory.md's statement needs V u ~ u)
         assert np.abs(shift).max() > 1e-6
 
 
@@ -555,7 +564,7 @@ def test_square_closed_form_vs_generic_identities(T, Vkind):
     p, info = loss.prox(y, omega, V)
     assert info["n_failed"] == 0
     Vf = full_V(V, n, K)
-    # closed form from DESIGN.md: p = (I + 2V)^{-1} (2 V z_y + omega)
+    # closed form from docs/theory.md: p = (I + 2V)^{-1} (2 V z_y + omega)
     zy = whiten(y)
     ref = np.linalg.solve(np.eye(K) + 2 * Vf, (2 * np.einsum("nij,nj->ni", Vf, zy) + omega)[:, :, None])[:, :, 0]
     np.testing.assert_allclose(p, ref, atol=1e-12)
@@ -631,7 +640,7 @@ def test_large_beta_is_finite_and_converges(T, v):
     m = 8
     g, dg, info = cross_entropy_g_out(y[:m], omega[:m], v, beta, tol=1e-13)
     p = info["p"]
-    p2, g2, dg2, _, st2 = ch._ce_prox_numpy(y[:m], omega[:m], v * np.eye(K), beta, tol=1e-13)
+    p2, g2, dg2, _, st2 = ce_prox_numpy(y[:m], omega[:m], v * np.eye(K), beta, tol=1e-13)
     assert np.all(st2 <= 1) and info["n_failed"] == 0
     np.testing.assert_allclose(p, p2, rtol=0, atol=1e-9 * (1 + np.abs(p2).max()))
     np.testing.assert_allclose(g, g2, rtol=0, atol=1e-9 * beta)

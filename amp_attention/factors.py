@@ -1,0 +1,233 @@
+"""The two factor contracts that GAMP and its state evolution share (docs/theory.md §5, §7).
+
+GAMP (:mod:`amp_attention.amp`) and the state evolution (:mod:`amp_attention.se`) are two loops
+calling the same two factors:
+
+* an **output factor** (a loss of :mod:`amp_attention.losses`, or a Bayes output of
+  :mod:`amp_attention.bayes_outputs`) acts per sample on the whitened coordinates:
+  ``g_out(y, omega, V) -> (g, dg, info)`` with ``g (n, K)``, ``dg = -dg/domega`` (full ``(n, K, K)``
+  or its trace ``(n,)``).  In the SE its Gaussian averages over the output sample
+  ``(z*, omega, y)`` give the conjugates ``(A_hat, m_hat, q_hat)``; the generic path
+  (:meth:`OutputFactor.se_conjugates`) averages ``g_out`` over the sample's draws, and factors with
+  a closed form (square loss, Bayes outputs) override it.
+* an **input factor** (a denoiser of :mod:`amp_attention.denoisers`) is a spectral map
+  ``eta(R) = U f(L) U^T`` defined by its scalar map ``f(x; A_hat)`` (with ``f'`` and the kinks of
+  ``f``, :meth:`InputFactor.scalar_map`).  From it derive the matrix denoiser
+  ``(R, A_hat) -> (S, div)`` used by GAMP (steps 5-6) and the SE overlaps ``(m, q, V)``, in the
+  ``d -> infinity`` limit by free probability (:meth:`InputFactor.se_overlaps`) or at finite d by
+  GOE draws (:meth:`InputFactor.se_overlaps_finite`).  Factors with closed forms (Frobenius, RIE)
+  override them.
+
+The output sample (the object passed to :meth:`OutputFactor.se_conjugates`) is built by the SE
+(:class:`amp_attention.se.OutputSample`): it exposes ``alpha``, ``K``, ``Q``, ``y``, ``z_star``,
+``omega(m, q)`` and per-draw ``weights`` (None for plain means).
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import NamedTuple
+
+import numpy as np
+
+from ._spectral_kernels import spectral_divergence
+from ._validation import as_float_array, check_rng
+from .spectral import free_input_side, sample_goe
+
+__all__ = ["Conjugates", "Overlaps", "OutputFactor", "InputFactor"]
+
+
+class Conjugates(NamedTuple):
+    """SE output-side conjugates of one step (docs/theory.md §7) and their Monte Carlo errors."""
+
+    A_hat: float
+    m_hat: float
+    q_hat: float
+    stderr: dict
+
+
+class Overlaps(NamedTuple):
+    """SE input-side order parameters ``m = Tr(S S*)/d``, ``q = Tr(S^2)/d``, ``V`` (docs/theory.md §7)."""
+
+    m: float
+    q: float
+    V: float
+
+
+# --------------------------------------------------------------------------------------------
+# Output side
+# --------------------------------------------------------------------------------------------
+
+
+class OutputFactor:
+    """Contract of an output factor (loss or Bayes output), per sample in whitened coordinates.
+
+    Subclasses implement
+
+    * ``g_out(y, omega, V, p0=None, jacobian='full') -> (g, dg, info)``: ``y (n, T, T)`` targets,
+      ``omega (n, K)``, ``V`` a positive scalar, a shared ``(K, K)`` or a per-sample ``(n, K, K)``
+      variance; ``g (n, K)``; ``dg = -dg/domega`` ``(n, K, K)`` or its trace ``(n,)`` with
+      ``jacobian='trace'``; ``info`` a dict (``p`` the prox point if any, ``n_iter``, ``n_failed``);
+    * ``value_z(y, z) -> (n,)``: the per-sample loss at ``z`` (NaN for Bayes outputs: no objective);
+    * ``link(h)``: the model output from preactivations ``h (n, T, T)`` (``predict`` of the
+      estimators).
+
+    and may override :meth:`g_out_gram` (a fused kernel at GAMP's variances),
+    :meth:`se_conjugates` (closed forms), :meth:`check_T` (T constraints) and
+    :meth:`min_value` (``min_z l_y(z)`` per sample, used by the interpolation threshold).
+    """
+
+    name = "output"
+
+    def g_out(self, y, omega, V, p0=None, jacobian="full"):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def value_z(self, y, z):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def link(self, h):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def check_T(self, T: int) -> None:
+        """Raise ``ValueError`` if this factor cannot be used with ``T`` tokens (default: any T)."""
+
+    def g_out_gram(self, y, omega, v: float, gram, p0=None):
+        """``g_out`` at GAMP's ``V_mu = v Gamma_mu`` (``gram`` a :class:`~amp_attention.variance.GramVariance`):
+        ``(g (n, K), a (n,), info)`` with ``a_mu = Tr(Gamma_mu dg_mu)``.  Generic path: the full
+        Jacobian, then the weighted trace; a factor with a fused kernel overrides it."""
+        g, dg, info = self.g_out(y, omega, gram.scaled(v), p0=p0)
+        return g, gram.weighted_trace(dg), info
+
+    def min_value(self, y) -> np.ndarray:  # pragma: no cover - abstract
+        """``min_z l_y(z)`` per sample, shape (n,)."""
+        raise NotImplementedError(f"{type(self).__name__} has no min_value")
+
+    def se_conjugates(self, sample, m: float, q: float, V: float) -> Conjugates:
+        """``(A_hat, m_hat, q_hat)`` at ``(m, q, V)`` by averaging over ``sample`` (docs/theory.md §7)::
+
+            A_hat = alpha E Tr(-dg/domega),   q_hat = alpha E ||g||^2,
+            m_hat = alpha E[g . (z* - (m/q) omega)] / (Q* - m^2/q)      (q = 0: alpha E[g . z*] / Q*)
+
+        with ``g = g_out(y, omega, V)`` (scalar V: ``Gamma -> I``), warm-started at the previous
+        call's prox point (kept on the sample).  ``stderr`` holds the Monte Carlo standard errors.
+        """
+        alpha, Q = sample.alpha, sample.Q
+        omega = sample.omega(m, q)
+        g, dg, info = self.g_out(sample.y, omega, float(V), p0=sample.warm_start, jacobian="trace")
+        sample.warm_start = info.get("p")
+        tr = dg if dg.ndim == 1 else np.trace(dg, axis1=1, axis2=2)
+        gg = np.sum(g * g, axis=1)
+        if q > 0:
+            resid = sample.z_star - (m / q) * omega
+            denom = Q - m * m / q
+        else:
+            resid, denom = sample.z_star, Q
+        gz = np.sum(g * resid, axis=1) / denom
+        sq = math.sqrt(sample.n_mc)
+        A_hat, q_hat, m_hat = alpha * tr.mean(), alpha * gg.mean(), alpha * gz.mean()
+        stderr = {"A_hat": alpha * tr.std() / sq, "m_hat": alpha * gz.std() / sq, "q_hat": alpha * gg.std() / sq}
+        return Conjugates(float(A_hat), float(m_hat), float(q_hat), stderr)
+
+    def se_train_loss(self, sample, m: float, q: float, V: float) -> float:
+        """Predicted mean per-sample training loss ``E l_y(prox(omega; V))`` (docs/theory.md §7)."""
+        omega = sample.omega(m, q)
+        p, _ = self.prox(sample.y, omega, float(V))
+        return float(np.mean(self.value_z(sample.y, p)))
+
+
+# --------------------------------------------------------------------------------------------
+# Input side
+# --------------------------------------------------------------------------------------------
+
+
+class InputFactor:
+    """Contract of an input factor: the spectral denoiser ``eta(R) = U f(L) U^T`` (docs/theory.md §5).
+
+    Subclasses implement :meth:`scalar_map` (``A_hat -> f``, a vectorised callable with a
+    ``derivative`` method and a ``kinks`` tuple, as :class:`amp_attention.spectral.SoftThreshold`)
+    and :meth:`penalty`; everything else derives from the scalar map:
+
+    * :meth:`spectrum` -- ``(f(l), f'(l))`` on the eigenvalues of ``R`` (override for maps that
+      look at the whole spectrum, e.g. a width cut);
+    * :meth:`factored` / ``__call__`` -- GAMP's steps 5-6: ``S = eta(R)`` and its divergence in
+      orthonormal coordinates of Sym_d, ``div = sum_i f'(l_i) + sum_{i<j} (f(l_i) - f(l_j))/(l_i - l_j)``;
+    * :meth:`se_overlaps` -- the ``d -> infinity`` SE input side ``(m, q, V)`` by free probability
+      (:func:`amp_attention.spectral.free_input_side`);
+    * :meth:`se_overlaps_finite` -- the finite-d SE input side by GOE draws at the teacher's exact
+      spectrum, through the same :meth:`spectrum` and divergence kernel as GAMP.
+
+    ``nonnegative = True`` declares ``f >= 0`` (then :meth:`factored` also returns ``F`` with
+    ``S = F F^T``, which GAMP uses for a cheaper forward map).
+    """
+
+    nonnegative = False
+
+    def scalar_map(self, A_hat: float):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def penalty(self, S) -> float:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def spectrum(self, eigenvalues: np.ndarray, A_hat: float):
+        """``(f(l), f'(l))`` for the eigenvalues ``l`` of ``R`` (shape (d,) each)."""
+        f = self.scalar_map(A_hat)
+        return f(eigenvalues), f.derivative(eigenvalues)
+
+    def factored(self, R: np.ndarray, A_hat: float):
+        """``(S, div, F)``: ``S = U f(L) U^T``, its divergence, and ``F (d, r)`` with ``S = F F^T``
+        when the factor is ``nonnegative`` (``r`` = number of nonzero ``f(l_i)``), else None."""
+        L, U = np.linalg.eigh(R)
+        f, fp = self.spectrum(L, A_hat)
+        if self.nonnegative:
+            keep = f > 0.0
+            F = U[:, keep] * np.sqrt(f[keep])
+            S = F @ F.T
+        else:
+            F = None
+            S = (U * f) @ U.T
+        S = 0.5 * (S + S.T)
+        return S, spectral_divergence(L, f, fp), F
+
+    def __call__(self, R: np.ndarray, A_hat: float):
+        """``(S, div)`` with ``S = eta(R)`` and ``div`` its divergence (GAMP steps 5-6)."""
+        S, div, _ = self.factored(R, A_hat)
+        return S, div
+
+    def check_se(self) -> None:
+        """Raise ``ValueError`` if the SE has no counterpart of this factor's settings."""
+
+    def se_overlaps(self, law, a: float, Delta: float, A_hat: float) -> Overlaps:
+        """``d -> infinity`` overlaps for ``R = a S* + sqrt(Delta) W`` (docs/theory.md §7, free)."""
+        return Overlaps(*free_input_side(law, a, Delta, self.scalar_map(A_hat), A_hat))
+
+    def se_overlaps_finite(self, eigenvalues, a: float, Delta: float, A_hat: float,
+                           n_draws: int = 4, rng=None, return_stderr: bool = False):
+        """Finite-d overlaps, averaged over ``n_draws`` GOE draws (docs/theory.md §7, finite d).
+
+        ``R = a diag(eigenvalues) + sqrt(Delta) W`` (``W`` orthogonally invariant, so the teacher's
+        basis is irrelevant), ``S = U f(L) U^T``; ``m = Tr(S S*)/d``, ``q = Tr(S^2)/d``,
+        ``V = div / (d^2 A_hat)``.  ``rng``: a ``numpy.random.Generator`` or an int seed (common
+        random numbers when the caller reuses a fixed seed).  With ``return_stderr=True`` also the
+        standard errors of the three means over the draws (NaN for one draw).
+        """
+        lam = as_float_array(eigenvalues, "eigenvalues", ndim=1)
+        if isinstance(n_draws, bool) or not isinstance(n_draws, numbers.Integral) or n_draws < 1:
+            raise ValueError(f"n_draws must be an integer >= 1, got {n_draws!r}")
+        rng = check_rng(rng)
+        d = lam.size
+        vals = np.empty((n_draws, 3))
+        for k in range(n_draws):
+            R = math.sqrt(Delta) * sample_goe(d, rng)
+            R[np.diag_indices(d)] += a * lam
+            L, U = np.linalg.eigh(R)
+            f, fp = self.spectrum(L, A_hat)
+            Sdiag = (U * U) @ f  # diag of U f(L) U^T
+            vals[k, 0] = float(np.dot(Sdiag, lam)) / d
+            vals[k, 1] = float(np.dot(f, f)) / d
+            vals[k, 2] = spectral_divergence(L, f, fp) / (d * d * A_hat)
+        mean = Overlaps(*(float(v) for v in vals.mean(0)))
+        if not return_stderr:
+            return mean
+        se = vals.std(0, ddof=1) / math.sqrt(n_draws) if n_draws > 1 else np.full(3, np.nan)
+        return mean, Overlaps(*(float(v) for v in se))

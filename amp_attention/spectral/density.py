@@ -1,0 +1,280 @@
+"""The density of ``R = a S* + sqrt(Delta) W``, the Bayes RIE and the spectrum of ``f(R)``.
+
+Holds :class:`RDensity` / :func:`r_density` (support, quadrature grid, integrals and pointwise
+Stieltjes transform of ``rho_R``, docs/theory.md §7(b)), the Bayes-optimal rotationally invariant
+estimator :func:`rie_denoiser` and its MMSE :func:`rie_mmse` (docs/theory.md §6), and
+:class:`Pushforward` / :func:`shat_spectrum`, the ``d -> infinity`` spectrum of
+``S_hat = U f(L) U^T`` (docs/theory.md §7).  Conventions are in the :mod:`amp_attention.spectral`
+docstring; the Stieltjes transforms come from :mod:`.backends`, the quadrature from
+:mod:`.quadrature`.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Callable, NamedTuple, Sequence
+
+import numpy as np
+
+from .._validation import as_float_array, check_nonnegative, check_positive
+from .backends import AtomsBackend, CubicBackend, SemicircleBackend
+from .laws import SpectralLaw, check_law
+from .quadrature import QuadratureGrid, piece_nodes
+from .scalar_maps import apply_denoiser, check_denoiser, denoiser_derivative
+
+__all__ = ["RDensity", "r_density", "rie_denoiser", "rie_mmse", "Pushforward", "shat_spectrum"]
+
+
+class RDensity:
+    """Spectral density of ``R = a S* + sqrt(Delta) W`` (conventions in the :mod:`amp_attention.spectral` docstring).
+
+    Parameters: ``law`` (:class:`SpectralLaw`), ``a >= 0``, ``Delta > 0``; ``n_nodes``
+    Gauss-Legendre nodes per quadrature piece (default 24 for Wishart/semicircle, 16 for discrete
+    laws); ``use_numba=False`` switches the discrete-law kernels to their NumPy twins.
+
+    Attributes
+    ----------
+    law, a, Delta : the inputs.
+    a_negligible : True when ``a * max|lambda(S*)| <= 1e-9 sqrt(Delta)`` (including ``a = 0``):
+        ``R`` is then treated as the semicircle of variance ``Delta`` and independent of ``S*``.
+    intervals : (k, 2) array, the support intervals ``[lo, hi]`` of ``rho_R`` (sorted, disjoint).
+    masses : (k,) array, ``int rho_R`` over each interval (sum 1).
+    x, weights, re_g, density : the default quadrature grid (:class:`QuadratureGrid` fields).
+
+    Methods
+    -------
+    grid(kinks=()) -> QuadratureGrid split at the given x-points (where the integrand has kinks).
+    integrate(f, kinks=()) -> ``int f(x) rho_R(x) dx`` for a vectorised scalar ``f``.
+    stieltjes(x) -> ``G_R(x + i0)`` (complex) at arbitrary real points (exact solve, also outside
+    the support, where it is real).
+    density_at(x), re_stieltjes(x).
+    rie(x) -> ``(x - 2 Delta Re G_R(x)) / a`` (§6; the Bayes estimate of the eigenvalue of
+    ``S*`` attached to an eigenvalue ``x`` of ``R``).
+    """
+
+    def __init__(self, law: SpectralLaw, a: float, Delta: float, n_nodes: int | None = None,
+                 use_numba: bool = True):
+        self.law = check_law(law)
+        self.a = check_nonnegative(a, "a")
+        self.Delta = check_positive(Delta, "Delta")
+        if n_nodes is not None and (isinstance(n_nodes, bool) or not isinstance(n_nodes, numbers.Integral)
+                                    or n_nodes < 4):
+            raise ValueError(f"n_nodes must be None or an integer >= 4, got {n_nodes!r}")
+        # a ||S*|| below 1e-9 sqrt(Delta): R is a semicircle to that relative accuracy; use the
+        # a = 0 formulas (avoids the degenerate cubic / 0/0 in the m formula).
+        self.a_negligible = self.a * law.radius <= 1e-9 * math.sqrt(self.Delta)
+        if self.a_negligible:
+            self._b = SemicircleBackend(self.Delta, 0.0)
+        elif law.kind == "semicircle":
+            self._b = SemicircleBackend(self.a**2 * law.semicircle_variance + self.Delta, self.a * law.center)
+        elif law.kind == "wishart":
+            self._b = CubicBackend(law.rho, self.a, self.Delta)
+        else:
+            self._b = AtomsBackend(law.eigenvalues, law.weights, self.a, self.Delta, use_numba)
+        if n_nodes is None:
+            n_nodes = 16 if isinstance(self._b, AtomsBackend) else 24
+        self.n_nodes = int(n_nodes)
+        self._grid = None
+        self.intervals = self._b.x_intervals
+
+    # -- grids -------------------------------------------------------------------------------
+    def _pieces(self, kinks):
+        """Yield ``(j, t, dt, t0, t1, edge0, edge1)`` per quadrature piece: interval index, nodes and
+        weights in the backend parameter ``t`` (x, or u for discrete laws), the piece ends and
+        whether they are square-root edges."""
+        kinks = np.sort(np.asarray(list(kinks), dtype=np.float64).ravel())
+        tI, xI = self._b.t_intervals, self._b.x_intervals
+        for j in range(len(tI)):
+            kin = kinks[(kinks > xI[j, 0]) & (kinks < xI[j, 1])]
+            cuts = self._b.x_to_t(kin) if kin.size else np.empty(0)
+            cuts = np.concatenate([cuts, self._b.breakpoints(j)])
+            cuts = np.unique(cuts[(cuts > tI[j, 0]) & (cuts < tI[j, 1])])
+            pts = np.concatenate([[tI[j, 0]], cuts, [tI[j, 1]]])
+            for p in range(len(pts) - 1):
+                t, dt = piece_nodes(pts[p], pts[p + 1], p == 0, p == len(pts) - 2, self.n_nodes)
+                yield j, t, dt, pts[p], pts[p + 1], p == 0, p == len(pts) - 2
+
+    def grid(self, kinks: Sequence[float] = ()) -> QuadratureGrid:
+        """Quadrature grid against ``rho_R``, with extra breakpoints at the x-points ``kinks``."""
+        if len(kinks) == 0 and self._grid is not None:
+            return self._grid
+        pieces = list(self._pieces(kinks))
+        t = np.concatenate([pc[1] for pc in pieces])
+        dt = np.concatenate([pc[2] for pc in pieces])
+        x, reg, rho, dxdt = self._b.state(t)
+        order = np.argsort(x, kind="stable")
+        g = QuadratureGrid(x[order], (dt * rho * dxdt)[order], reg[order], rho[order])
+        if len(kinks) == 0:
+            self._grid = g
+            if self._b.masses is None:
+                xI = self._b.x_intervals
+                idx = np.searchsorted(xI[:, 0], g.x, side="right") - 1
+                self._b.masses = np.bincount(idx, weights=g.weights, minlength=len(xI))
+        return g
+
+    @property
+    def masses(self) -> np.ndarray:
+        if self._b.masses is None:
+            self.grid()
+        return self._b.masses
+
+    @property
+    def x(self):
+        return self.grid().x
+
+    @property
+    def weights(self):
+        return self.grid().weights
+
+    @property
+    def re_g(self):
+        return self.grid().re_g
+
+    @property
+    def density(self):
+        return self.grid().density
+
+    def integrate(self, f: Callable, kinks: Sequence[float] | None = None) -> float:
+        """``int f(x) rho_R(x) dx``; ``kinks`` defaults to ``f.kinks`` if present."""
+        if kinks is None:
+            kinks = check_denoiser(f)
+        g = self.grid(kinks)
+        return float(np.dot(g.weights, apply_denoiser(f, g.x)))
+
+    # -- pointwise -----------------------------------------------------------------------------
+    def stieltjes(self, x) -> np.ndarray:
+        """``G_R(x + i0)`` at real points ``x`` (any shape): ``Im <= 0``, real outside the support."""
+        xa = as_float_array(x, "x", allow_empty=True)
+        flat = xa.ravel()
+        if flat.size == 0:
+            return np.empty(xa.shape, complex)
+        if isinstance(self._b, CubicBackend):
+            G = self._b.stieltjes(flat, self.grid())
+        else:
+            G = self._b.stieltjes(flat)
+        return G.reshape(xa.shape)
+
+    def re_stieltjes(self, x) -> np.ndarray:
+        return self.stieltjes(x).real
+
+    def density_at(self, x) -> np.ndarray:
+        return np.maximum(-self.stieltjes(x).imag, 0.0) / np.pi
+
+    def rie(self, x) -> np.ndarray:
+        """Bayes RIE (§6): ``(x - 2 Delta Re G_R(x)) / a`` at the points ``x`` (needs a > 0)."""
+        if self.a == 0:
+            raise ValueError("a must be > 0 for the RIE (R carries no information on S* at a = 0)")
+        xa = as_float_array(x, "x", allow_empty=True)
+        if self.a_negligible:  # a -> 0 limit of the Bayes estimate: the prior mean
+            return np.full(xa.shape, self.law.mean)
+        return (xa - 2.0 * self.Delta * self.re_stieltjes(xa)) / self.a
+
+    def __repr__(self) -> str:
+        return f"RDensity({self.law!r}, a={self.a!r}, Delta={self.Delta!r}, intervals={len(self.intervals)})"
+
+
+def r_density(law: SpectralLaw, a: float, Delta: float, n_nodes: int | None = None) -> RDensity:
+    """Density of ``R = a S* + sqrt(Delta) W`` (see :class:`RDensity`; docs/theory.md §7(b)).
+
+    ``n_nodes``: Gauss-Legendre nodes per quadrature piece (default 24 for the Wishart cubic and
+    the semicircle, 16 for discrete laws, whose pieces run from atom to atom).  Pieces: each support
+    interval is cut at its midpoint, at kinks of the integrand, at the atoms (discrete laws), and
+    around nearly-closed gaps (geometrically graded); square-root edges get ``t = edge + L s^2``.
+    """
+    return RDensity(law, a, Delta, n_nodes=n_nodes)
+
+
+# ---------------------------------------------------------------------------------------------
+# Bayes RIE
+# ---------------------------------------------------------------------------------------------
+
+
+def rie_denoiser(x, law: SpectralLaw, Delta: float, a: float = 1.0, density: RDensity | None = None) -> np.ndarray:
+    """Bayes-optimal RIE (docs/theory.md §6): ``f(x) = (x - 2 Delta Re G_R(x)) / a``.
+
+    ``R = a S* + sqrt(Delta) W`` (the BO input side has ``a = 1``).  ``x``: eigenvalues of ``R``
+    (any shape); points outside the support use the real-axis Stieltjes transform (exact).
+    """
+    law = check_law(law)
+    a = check_positive(a, "a")
+    Delta = check_positive(Delta, "Delta")
+    if density is None:
+        density = RDensity(law, a, Delta)
+    return density.rie(x)
+
+
+def rie_mmse(law: SpectralLaw, Delta: float, density: RDensity | None = None) -> float:
+    """MMSE per ``Tr/d`` of the RIE for ``R = S* + sqrt(Delta) W`` (§6):
+    ``Delta - (4 pi^2 / 3) Delta^2 int rho_R^3``."""
+    law = check_law(law)
+    Delta = check_positive(Delta, "Delta")
+    if density is None:
+        density = RDensity(law, 1.0, Delta)
+    g = density.grid()
+    return float(Delta - (4 * np.pi**2 / 3) * Delta**2 * np.dot(g.weights, g.density**2))
+
+
+
+# ---------------------------------------------------------------------------------------------
+# Spectrum of S_hat = f(R)
+# ---------------------------------------------------------------------------------------------
+
+
+class Pushforward(NamedTuple):
+    """Spectrum of ``S_hat = U f(L) U^T`` in the ``d -> infinity`` limit (docs/theory.md §7).
+
+    ``atom_mass``: mass of the atom at ``f`` of the flat region (``0`` for the soft threshold: the
+    ``rho_R`` mass below ``tau``).  ``y`` (N,) sorted points of the continuous part, ``density`` (N,)
+    its density ``rho_R(x)/f'(x)`` at ``y = f(x)`` (integrates to ``1 - atom_mass``; the grid
+    includes the images of the support edges and kinks, so ``np.trapezoid(density, y)`` is accurate).
+    """
+
+    atom_mass: float
+    y: np.ndarray
+    density: np.ndarray
+
+
+def shat_spectrum(law: SpectralLaw, a: float, Delta: float, f: Callable,
+                  density: RDensity | None = None) -> Pushforward:
+    """Pushforward of ``rho_R`` through a non-decreasing scalar denoiser ``f``.
+
+    ``f'(x) = 0`` regions (e.g. ``x < tau`` for :class:`SoftThreshold`) become the atom; elsewhere the
+    density is ``rho_R(x) / f'(x)`` at ``y = f(x)``.  Uses ``f.derivative`` (finite differences if
+    absent) and ``f.kinks``.
+    """
+    law = check_law(law)
+    a = check_nonnegative(a, "a")
+    Delta = check_positive(Delta, "Delta")
+    kinks = check_denoiser(f)
+    if density is None:
+        density = RDensity(law, a, Delta)
+    b = density._b
+    atom = 0.0
+    ys, ds = [], []
+    for j, t, dt, t0, t1, e0, e1 in density._pieces(kinks):
+        x, _, rho, dxdt = b.state(t)
+        w = dt * rho * dxdt
+        der = denoiser_derivative(f, x)
+        if np.all(der <= 1e-14):
+            atom += float(np.sum(w))
+            continue
+        if np.any(der < -1e-14):
+            raise ValueError("f must be non-decreasing for shat_spectrum")
+        xe, _, rhoe, _ = b.state(np.array([t0, t1]))
+        rhoe = np.where([e0, e1], 0.0, rhoe)
+        # one-sided derivative at the piece ends: from the nearest node
+        dere = np.array([der[np.argmin(x)], der[np.argmax(x)]])
+        xx = np.concatenate([xe[:1], x, xe[1:]])
+        rr = np.concatenate([rhoe[:1], rho, rhoe[1:]])
+        dd = np.concatenate([dere[:1], der, dere[1:]])
+        ys.append(apply_denoiser(f, xx))
+        ds.append(rr / dd)
+    if ys:
+        y = np.concatenate(ys)
+        dens = np.concatenate(ds)
+        order = np.argsort(y, kind="stable")
+        y, dens = y[order], dens[order]
+    else:
+        y, dens = np.empty(0), np.empty(0)
+    return Pushforward(atom, y, dens)

@@ -1,0 +1,62 @@
+"""The loop scaffold shared by GAMP and the state evolutions (amp_attention.loop)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from amp_attention.loop import Loop
+
+
+def _run(loop, f, x0):
+    x = x0
+    for t in loop:
+        new = loop.mix(f(x), x)
+        if not np.isfinite(new):
+            loop.diverge(f"iteration {t}: non-finite")
+            break
+        change = abs(new - x)
+        x = new
+        loop.record(x=x)
+        if loop.finished(change, callback_args=(t, loop.history)):
+            break
+    return x, loop.outcome()
+
+
+def test_contraction_converges_to_the_fixed_point_with_and_without_damping():
+    for damping in (0.0, 0.5, 0.9):
+        x, out = _run(Loop(["x"], max_iter=10_000, tol=1e-13, damping=damping), lambda x: 0.5 * x + 1, 0.0)
+        assert out["converged"] and not out["diverged"]
+        assert x == pytest.approx(2.0, abs=1e-11)  # damping never moves the fixed point
+        assert out["n_iter"] == len(out["history"]["x"])
+
+
+def test_damping_is_the_convex_mixture():
+    loop = Loop(["x"], max_iter=1, tol=0, damping=0.25)
+    assert loop.mix(1.0, 0.0) == 0.75
+    np.testing.assert_array_equal(loop.mix(np.ones(3), np.zeros(3)), np.full(3, 0.75))
+
+
+def test_tol_zero_runs_max_iter_and_callback_stops():
+    x, out = _run(Loop(["x"], max_iter=7, tol=0.0), lambda x: x, 1.0)
+    assert out["n_iter"] == 7 and not out["converged"] and "max_iter" in out["message"]
+    loop = Loop(["x"], max_iter=50, tol=0.0, callback=lambda t, h: t == 3)
+    _, out = _run(loop, lambda x: x + 1, 0.0)
+    assert out["n_iter"] == 4 and "callback" in out["message"]
+
+
+def test_divergence_is_flagged_and_the_last_finite_state_kept():
+    x, out = _run(Loop(["x"], max_iter=5000, tol=1e-10), lambda x: x * 1e30, 1.0)
+    assert out["diverged"] and not out["converged"]
+    assert np.isfinite(x) and np.all(np.isfinite(out["history"]["x"]))
+
+
+@pytest.mark.parametrize("kw, name", [
+    ({"max_iter": 0}, "max_iter"), ({"max_iter": 2.5}, "max_iter"), ({"max_iter": True}, "max_iter"),
+    ({"tol": -1.0}, "tol"), ({"tol": float("nan")}, "tol"), ({"damping": 1.0}, "damping"),
+    ({"damping": -0.1}, "damping"), ({"callback": 3}, "callback"),
+])
+def test_arguments_are_validated_by_name(kw, name):
+    args = {"max_iter": 5, "tol": 1e-8} | kw
+    with pytest.raises(ValueError, match=name):
+        Loop(["x"], **args)
