@@ -16,7 +16,8 @@ import numpy as np
 from ._validation import check_positive, check_T
 from .losses import make_loss
 from .model import as_spectral_law
-from .se import OutputSample, state_evolution
+from .output_sample import OutputSample
+from .se import state_evolution
 from .whitening import n_pairs
 
 __all__ = ["ThresholdResult", "recovery_threshold", "interpolation_threshold", "perfect_recovery_threshold"]

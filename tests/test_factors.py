@@ -14,7 +14,7 @@ import amp_attention as aa
 from amp_attention.bayes_outputs import BayesLinearOutput, BayesSoftmaxOutput
 from amp_attention.denoisers import FrobeniusDenoiser, NuclearDenoiser, RIEDenoiser
 from amp_attention.factors import InputFactor, OutputFactor
-from amp_attention.se import OutputSample
+from amp_attention.output_sample import OutputSample
 from amp_attention.spectral import SpectralLaw
 from amp_attention.whitening import n_pairs
 

@@ -13,7 +13,8 @@ import amp_attention as aa
 from amp_attention.losses import SquareLoss
 from amp_attention.erm import direct_erm
 from amp_attention.factors import OutputFactor
-from amp_attention.se import OutputSample, state_evolution
+from amp_attention.output_sample import OutputSample
+from amp_attention.se import state_evolution
 from amp_attention.thresholds import interpolation_threshold, recovery_threshold
 from amp_attention.spectral import SpectralLaw, shat_spectrum
 from amp_attention.whitening import n_pairs
