@@ -12,7 +12,7 @@ docstrings refer to it.  Layout, bottom to top:
 * the two loops, on the scaffold of ``loop``: ``amp`` (GAMP) and ``se`` (state evolution, ERM and
   Bayes-optimal); ``thresholds`` (recovery / interpolation / counting bound);
 * above the loops: ``estimators`` (scikit-learn :class:`ERMAttention`, :class:`BayesAttention`),
-  ``erm`` (direct training baseline), ``cli``.
+  ``erm`` (direct training baseline), ``sweep`` (parameter grids on any executor), ``cli``.
 
 Thread policy: one GAMP iteration alternates BLAS calls (GEMM, SYRK, eigh) with Numba kernels
 parallel over samples.  OpenBLAS worker threads busy-wait for a long time after each call, and on
@@ -50,7 +50,7 @@ from .operator import (  # noqa: F401, E402
 )
 from .whitening import pair_indices, unwhiten, whiten  # noqa: F401, E402
 from .factors import InputFactor, OutputFactor  # noqa: F401, E402
-from .losses import CrossEntropyLoss, SquareLoss, make_loss  # noqa: F401, E402
+from .losses import CrossEntropyLoss, SoftmaxSquareLoss, SquareLoss, make_loss  # noqa: F401, E402
 from .bayes_outputs import BayesLinearOutput, BayesSoftmaxOutput  # noqa: F401, E402
 from .denoisers import (  # noqa: F401, E402
     FrobeniusDenoiser,
@@ -65,9 +65,11 @@ from .amp import AMPResult, gamp  # noqa: F401, E402
 from .se import BayesSEResult, SEResult, bayes_state_evolution, state_evolution  # noqa: F401, E402
 from .thresholds import (  # noqa: F401, E402
     ThresholdResult,
+    bayes_threshold,
     interpolation_threshold,
     perfect_recovery_threshold,
     recovery_threshold,
 )
 from .estimators import BayesAttention, ERMAttention  # noqa: F401, E402
 from .erm import ERMResult, direct_erm, erm_gradient, erm_objective, kkt_residual  # noqa: F401, E402
+from .sweep import sweep  # noqa: F401, E402

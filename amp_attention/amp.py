@@ -49,7 +49,8 @@ from .whitening import n_pairs
 __all__ = ["AMPResult", "gamp", "HISTORY_KEYS"]
 
 HISTORY_KEYS = (
-    "m", "q", "mse", "V", "A_hat", "objective", "train_loss", "step", "time", "prox_iters", "prox_failed",
+    "m", "q", "mse", "V", "A_hat", "objective", "train_objective", "train_loss", "step", "time",
+    "prox_iters", "prox_failed",
 )
 
 
@@ -60,10 +61,11 @@ class AMPResult:
     ``history[key][t]`` describes the iterate ``S^{t+1}`` produced by iteration ``t``
     (``m = Tr(S S*)/d``, ``q = Tr(S^2)/d``, ``mse = ||S - S*||_F^2/d`` when ``S_star`` is given,
     else NaN; ``V = V^{t+1}``; ``A_hat`` of iteration t; ``objective`` = ERM objective of
-    §4 at ``S^{t+1}``; ``train_loss`` = its mean per-sample loss; ``step`` =
+    §4 at ``S^{t+1}``; ``train_objective`` = objective / d^2 (the SE's prediction of it is
+    ``SEResult.train_objective``); ``train_loss`` = its mean per-sample loss; ``step`` =
     ``||S^{t+1} - S^t||_F / max(||S^{t+1}||_F, 1e-300)``; ``time`` = seconds for the iteration;
     ``prox_iters`` = most Newton steps any sample needed; ``prox_failed`` = samples whose prox did
-    not reach its tolerance).
+    not reach its tolerance; ``damping`` = the damping used at iteration t).
     """
 
     S: np.ndarray
@@ -82,7 +84,7 @@ def gamp(
     denoiser: InputFactor,
     *,
     variance: str = "sample",
-    damping: float = 0.0,
+    damping="auto",
     max_iter: int = 200,
     tol: float = 1e-8,
     S_star=None,
@@ -98,8 +100,12 @@ def gamp(
     denoiser : an input factor of :mod:`amp_attention.denoisers`.
     variance : ``'sample'`` (``V_mu = V Gamma_mu``, converges undamped at finite d in most cases) or ``'scalar'``
         (``V_mu = V I_K``; usually needs damping at d <= 80). Undamped sample variances can still
-        cycle at small d near ``n K ~ d^2/2``: use damping ~0.5 there.
-    damping : ``0 <= damping < 1``; ``S <- (1 - damping) S_new + damping S_old``, same for V.
+        cycle at small d near ``n K ~ d^2/2``; the default adaptive damping handles both.
+    damping : ``'auto'`` (default: undamped while the iteration contracts, damped automatically
+        when the updates oscillate or grow; see :mod:`amp_attention.loop`), a fixed
+        ``0 <= damping < 1`` (``S <- (1 - damping) S_new + damping S_old``, same for V), or a
+        schedule (one value per iteration).  Damping never changes a fixed point;
+        ``history['damping']`` records the value used at each iteration.
     tol : stop when the relative step ``||S^{t+1} - S^t||_F / ||S^{t+1}||_F < tol``; ``tol = 0``
         runs exactly ``max_iter`` iterations.
     S_star : optional teacher matrix, to record ``m`` and ``mse`` per iteration.
@@ -107,7 +113,8 @@ def gamp(
     V0 : initial variance ``V^0`` (1 for ERM, matching the SE's ``V = 1``; the Bayes loop starts
         from the prior variance ``Q*``).
 
-    Non-finite iterates stop the loop with ``diverged=True`` and the last finite state kept.
+    Non-finite iterates stop the loop with ``diverged=True`` and the last finite state kept;
+    stopping at ``max_iter`` with ``tol > 0`` warns (:class:`sklearn.exceptions.ConvergenceWarning`).
     """
     op = SensingOperator(X)  # X validated once; op owns the one n T d work buffer of the run
     n, T, d = op.n, op.T, op.d
@@ -120,7 +127,6 @@ def gamp(
         raise ValueError(f"variance must be 'sample' or 'scalar', got {variance!r}")
     Gamma = gram.gamma if not gram.shared else gram.gamma[0]
     loop = Loop(HISTORY_KEYS, max_iter=max_iter, tol=tol, damping=damping, callback=callback)
-    use_factor = loop.damping == 0.0  # S = F F^T from the denoiser, unless damping mixes iterates
 
     S = np.zeros((d, d))
     V = float(V0)
@@ -141,14 +147,14 @@ def gamp(
         R = S + op.adjoint(g, check=False) / (d * A_hat)                       # step 4
         S_new, div, F = denoiser.factored(R, A_hat)                            # step 5
         V_new = div / (d**2 * A_hat)                                           # step 6
-        S_new, V_new = loop.mix(S_new, S), loop.mix(V_new, V)
+        S_new, V_new = loop.update((S_new, V_new), (S, V))
         if not (np.all(np.isfinite(S_new)) and np.isfinite(V_new)):
             loop.diverge(f"iteration {t}: non-finite iterate; kept the last finite one")
             break
         norm = max(float(np.linalg.norm(S_new)), 1e-300)
         step = float(np.linalg.norm(S_new - S)) / norm
         S, V, g_prev = S_new, V_new, g
-        if use_factor and F is not None and F.shape[1] < d:
+        if loop.last_damping == 0.0 and F is not None and F.shape[1] < d:  # S = F F^T unless mixed
             z = op.forward_factored(F, check=False)  # sigma = ones: S = F F^T
         else:
             z = op.forward(S, check=False)
@@ -157,10 +163,11 @@ def gamp(
             m_t, mse_t = float(np.sum(S * S_star)) / d, float(np.sum((S - S_star) ** 2)) / d
         else:
             m_t = mse_t = np.nan
+        objective = obj_loss + denoiser.penalty(S)
         loop.record(m=m_t, q=float(np.sum(S * S)) / d, mse=mse_t, V=V, A_hat=A_hat,
-                    objective=obj_loss + denoiser.penalty(S), train_loss=obj_loss / n, step=step,
+                    objective=objective, train_objective=objective / d**2, train_loss=obj_loss / n, step=step,
                     time=time.perf_counter() - t0, prox_iters=int(info.get("n_iter", 0)),
                     prox_failed=int(info.get("n_failed", 0)))
         if loop.finished(step, callback_args=(t, S, loop.history)):
             break
-    return AMPResult(S=S, V=V, **loop.outcome())
+    return AMPResult(S=S, V=V, **loop.outcome("GAMP"))

@@ -103,6 +103,8 @@ class BayesSoftmaxOutput(_BayesOutput):
     """
 
     name = "bayes_softmax"
+    flat_invariant = True
+    smooth_g_out = True  # affine in omega
 
     def __init__(self, beta: float = 1.0):
         self.beta = check_positive(beta, "beta")
@@ -193,6 +195,7 @@ class BayesLinearOutput(_BayesOutput):
     """
 
     name = "bayes_linear"
+    smooth_g_out = True  # affine in omega
 
     def __init__(self, noise: float = 0.0):
         self.noise = check_nonnegative(noise, "noise")
@@ -245,6 +248,11 @@ def bayes_output(channel):
     if isinstance(channel, (BayesSoftmaxOutput, BayesLinearOutput)):
         return channel
     if isinstance(channel, SoftmaxChannel):
+        if channel.noise > 0:
+            raise NotImplementedError(
+                f"the Bayes-optimal output of the noisy softmax channel (noise={channel.noise}) is not "
+                "implemented: y no longer determines h* up to the flat direction, so the posterior of z* "
+                "is not Gaussian (docs/theory.md §6). Use SoftmaxChannel(beta) (noise 0) or LinearChannel.")
         return BayesSoftmaxOutput(channel.beta)
     if isinstance(channel, LinearChannel):
         return BayesLinearOutput(channel.noise)

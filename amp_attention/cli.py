@@ -2,8 +2,9 @@
 
 Subcommands: ``run`` (sample an instance, run AMP next to its state evolution), ``se`` (the
 d -> infinity state-evolution fixed point along a list of alpha), ``bench`` (per-iteration timings,
-section 10).  Every subcommand accepts ``--json`` and then prints exactly one JSON object on stdout;
-progress goes to stderr.
+section 10), ``sweep`` (a grid of runs in parallel, cached, to a table; ``amp_attention.sweep``).
+Every subcommand accepts ``--json`` and then prints exactly one JSON object on stdout; progress goes
+to stderr (a tqdm bar; plain lines when stderr is not a terminal).
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ import sys
 import time
 
 import numpy as np
+
+from amp_attention.sweep import progress_bar
 
 
 __all__ = ["main", "build_parser"]
@@ -39,6 +42,15 @@ def _nonneg_float(s):
     return v
 
 
+def _damping(s):
+    if s == "auto":
+        return s
+    v = _nonneg_float(s)
+    if v >= 1:
+        raise argparse.ArgumentTypeError(f"expected 'auto' or a number in [0, 1), got {s!r}")
+    return v
+
+
 def _positive_int(s):
     v = int(s)
     if v < 1:
@@ -58,21 +70,32 @@ def _alpha_list(s):
 
 def _add_model_options(p, alpha_type=_positive_float, alpha_default=0.3):
     g = p.add_argument_group("model")
-    g.add_argument("--T", type=int, default=2, help="tokens per sequence, 1..8 (default 2)")
-    g.add_argument("--alpha", type=alpha_type, default=alpha_default, help="n / d^2")
-    g.add_argument("--teacher", choices=["wishart", "powerlaw", "lowrank"], default="wishart")
+    g.add_argument("--T", type=int, default=2, help="tokens per sequence, 1..8")
+    g.add_argument("--alpha", type=alpha_type, default=alpha_default,
+                   help="sample complexity n / d^2" + (" (comma-separated list)" if alpha_type is _alpha_list else ""))
+    g.add_argument("--teacher", choices=["wishart", "powerlaw", "lowrank"], default="wishart",
+                   help="teacher S*")
     g.add_argument("--rho", type=_positive_float, default=0.5, help="Wishart rank ratio")
     g.add_argument("--gamma", type=_nonneg_float, default=1.0, help="power-law exponent")
     g.add_argument("--rank", type=_positive_int, default=1, help="low-rank teacher rank")
-    g.add_argument("--channel", choices=["softmax", "hardmax", "linear"], default="softmax")
-    g.add_argument("--beta", type=_positive_float, default=1.0, help="softmax inverse temperature (also the loss')")
-    g.add_argument("--noise", type=_nonneg_float, default=0.0, help="linear channel noise variance")
+    g.add_argument("--channel", choices=["softmax", "hardmax", "linear"], default="softmax",
+                   help="channel making y from the teacher's preactivations h*")
+    g.add_argument("--beta", type=_positive_float, default=1.0,
+                   help="softmax inverse temperature (also that of the softmax losses)")
+    g.add_argument("--noise", type=_nonneg_float, default=0.0,
+                   help="noise variance per whitened component, for every channel: added to h* before the "
+                        "softmax/hardmax, or to y = h* for linear (off-diagonal variance noise, diagonal "
+                        "2 noise; a paper's Delta with diagonal variance Delta is noise = Delta/2)")
     e = p.add_argument_group("estimator")
-    e.add_argument("--estimator", choices=["erm", "bayes"], default="erm")
-    e.add_argument("--loss", choices=["cross_entropy", "square"], default="cross_entropy")
-    e.add_argument("--reg", choices=["nuclear", "frobenius"], default="nuclear")
-    e.add_argument("--lam", type=_nonneg_float, default=0.05)
-    e.add_argument("--damping", type=_nonneg_float, default=0.0)
+    e.add_argument("--estimator", choices=["erm", "bayes"], default="erm",
+                   help="ERM-GAMP or Bayes-optimal GAMP-RIE")
+    e.add_argument("--loss", choices=["cross_entropy", "square", "softmax_square"], default="cross_entropy",
+                   help="ERM loss: cross-entropy at --beta, 1/2||y - h||^2, or sum_a ||y_a - softmax(beta h_a)||^2")
+    e.add_argument("--reg", choices=["nuclear", "frobenius"], default="nuclear",
+                   help="ERM penalty: lam d Tr S on S >= 0 (weight decay on S = W W^T) or lam d/2 ||S||_F^2")
+    e.add_argument("--lam", type=_nonneg_float, default=0.05, help="ERM regularisation strength")
+    e.add_argument("--damping", type=_damping, default="auto",
+                   help="damping of the iteration: 'auto' (adaptive: undamped while it contracts) or a number in [0, 1)")
     p.add_argument("--json", action="store_true", help="print exactly one JSON object on stdout")
 
 
@@ -80,9 +103,9 @@ def _make_channel(args):
     import amp_attention as aa
 
     if args.channel == "softmax":
-        return aa.SoftmaxChannel(args.beta)
+        return aa.SoftmaxChannel(args.beta, args.noise)
     if args.channel == "hardmax":
-        return aa.HardmaxChannel()
+        return aa.HardmaxChannel(args.noise)
     return aa.LinearChannel(args.noise)
 
 
@@ -115,18 +138,36 @@ def _eprint(*a, **k):
 # --------------------------------------------------------------------------------------------
 
 
-def _se_trajectory(args, T, teacher, channel, iters):
-    """The SE from the same initialisation as AMP, at the teacher's exact spectrum."""
+def _se_trajectory(args, T, teacher, channel, iters, damping):
+    """The SE from the same initialisation as AMP, at the teacher's exact spectrum, replaying AMP's
+    damping schedule ``damping`` (one value per iteration) so the two compare step by step."""
     import amp_attention as aa
 
     if args.estimator == "bayes":
-        r = aa.bayes_state_evolution(args.alpha, T, aa.SpectralLaw.atoms(teacher.eigenvalues), channel,
-                                     max_iter=iters, tol=0.0, damping=args.damping)
-        return r.history
-    r = aa.state_evolution(args.alpha, T, teacher, channel, args.loss, args.reg, args.lam, args.beta,
-                           max_iter=iters, tol=0.0, damping=args.damping, seed=args.seed,
-                           n_mc=args.n_mc, predictions=False)
-    return r.history
+        return aa.bayes_state_evolution(args.alpha, T, aa.SpectralLaw.atoms(teacher.eigenvalues), channel,
+                                        max_iter=iters, tol=0.0, damping=damping)
+    return aa.state_evolution(args.alpha, T, teacher, channel, args.loss, args.reg, args.lam, args.beta,
+                              max_iter=iters, tol=0.0, damping=damping, seed=args.seed,
+                              n_mc=args.n_mc, predictions=False, output_rule=args.output_rule)
+
+
+def _last(history, key):
+    """Last entry of an SE history array (None if absent, empty or not finite)."""
+    a = history.get(key)
+    return _finite_or_none(a[-1]) if a is not None and len(a) else None
+
+
+def _se_fixed_point(r) -> dict:
+    """The SE's last state and conjugates: ``V``, ``A_hat``, ``m_hat``, ``q_hat`` (``a``, ``Delta``),
+    enough to compute the predicted spectrum of S_hat (docs/theory.md §7.2, §7.5)."""
+    return {"V": _finite_or_none(r.V), "A_hat": _last(r.history, "A_hat"), "m_hat": _last(r.history, "m_hat"),
+            "q_hat": _last(r.history, "q_hat"), "a": _last(r.history, "a"), "Delta": _last(r.history, "Delta")}
+
+
+def _optional(r, name):
+    """``r.name`` as a finite float or None: quantities an SE result or history may not provide."""
+    v = getattr(r, name, None)
+    return None if v is None else _finite_or_none(v)
 
 
 def cmd_run(args) -> dict:
@@ -150,29 +191,37 @@ def cmd_run(args) -> dict:
 
     if not args.json:
         print(f"{title}\n  d={d} T={T} alpha={args.alpha} (n={n})  {teacher!r}  channel={args.channel}")
-        print("  state evolution: same initialisation, teacher's exact spectrum", flush=True)
-    se_hist = _se_trajectory(args, T, teacher, channel, args.iters)
-    se_mse = se_hist["mse"]
-    if not args.json:
-        print(f"{'iter':>5} {'mse AMP':>10} {'mse SE':>10} {'m AMP':>9} {'m SE':>9} {'q AMP':>9} {'q SE':>9} "
-              f"{'V':>9} {'train_loss':>11} {'step':>9} {'s/iter':>7}")
+        print("  AMP first (one line per iteration on stderr), then its state evolution: same "
+              "initialisation, same damping schedule, teacher's exact spectrum", flush=True)
 
     def progress(t, S, h):
         if not args.json:
-            se_t = se_mse[t] if t < len(se_mse) else float("nan")
-            print(f"{t + 1:5d} {h['mse'][-1]:10.5f} {se_t:10.5f} {h['m'][-1]:9.5f} "
-                  f"{se_hist['m'][t] if t < len(se_mse) else float('nan'):9.5f} {h['q'][-1]:9.5f} "
-                  f"{se_hist['q'][t] if t < len(se_mse) else float('nan'):9.5f} {h['V'][-1]:9.4g} "
-                  f"{h['train_loss'][-1]:11.5f} {h['step'][-1]:9.2e} {h['time'][-1]:7.3f}", flush=True)
+            _eprint(f"  iteration {t + 1}: mse {h['mse'][-1]:.5f}  step {h['step'][-1]:.2e}  "
+                    f"damping {h['damping'][-1]:.3g}  {h['time'][-1]:.3f} s")
         return False
 
     est.fit(data.X, data.y, S_star=teacher.S, callback=progress)
     hist = est.history_
     k = est.n_iter_
+    se_res = _se_trajectory(args, T, teacher, channel, max(k, 1), tuple(hist["damping"]) or 0.0)
+    se_hist = se_res.history
+    se_mse = se_hist["mse"]
+    if not args.json:
+        print(f"{'iter':>5} {'mse AMP':>10} {'mse SE':>10} {'m AMP':>9} {'m SE':>9} {'q AMP':>9} {'q SE':>9} "
+              f"{'V':>9} {'train_loss':>11} {'step':>9} {'damping':>8} {'s/iter':>7}")
+        for t in range(k):
+            se_ok = t < len(se_mse)
+            print(f"{t + 1:5d} {hist['mse'][t]:10.5f} {se_mse[t] if se_ok else float('nan'):10.5f} "
+                  f"{hist['m'][t]:9.5f} {se_hist['m'][t] if se_ok else float('nan'):9.5f} {hist['q'][t]:9.5f} "
+                  f"{se_hist['q'][t] if se_ok else float('nan'):9.5f} {hist['V'][t]:9.4g} "
+                  f"{hist['train_loss'][t]:11.5f} {hist['step'][t]:9.2e} {hist['damping'][t]:8.3g} "
+                  f"{hist['time'][t]:7.3f}")
     test = aa.sample_data(max(2000, 2 * d), T, teacher, channel, np.random.default_rng([args.seed, 1]))
     phi = channel.phi
     h_hat = est.decision_function(test.X)
     test_error = float(np.mean(np.sum((phi(test.h) - phi(h_hat)) ** 2, axis=(1, 2))))
+    test_error_noisy = float(np.mean(np.sum((test.y - phi(h_hat)) ** 2, axis=(1, 2))))
+    train_objective = hist.get("train_objective")
     time_per_iter = float(np.mean(hist["time"])) if k else float("nan")
     out = {
         "params": params,
@@ -181,38 +230,40 @@ def cmd_run(args) -> dict:
             "m": _list(hist["m"]),
             "q": _list(hist["q"]),
             "V": _list(hist["V"]),
+            "A_hat": _list(hist["A_hat"]),
             "train_loss": _list(hist["train_loss"]),
+            "train_objective": None if train_objective is None else _list(train_objective),
             "time_per_iter_s": _finite_or_none(time_per_iter),
             "converged": bool(est.converged_),
             "diverged": bool(est.diverged_),
             "n_iter": int(k),
             "message": est.result_.message,
         },
-        "se": {"mse": _list(se_hist["mse"][:k]), "m": _list(se_hist["m"][:k]), "q": _list(se_hist["q"][:k])},
+        "se": {"mse": _list(se_hist["mse"][:k]), "m": _list(se_hist["m"][:k]), "q": _list(se_hist["q"][:k]),
+               "V": _list(se_hist["V"][:k]), "A_hat": _list(se_hist["A_hat"][:k]),
+               "m_hat": _list(se_hist["m_hat"][:k]), "q_hat": _list(se_hist["q_hat"][:k]),
+               "fixed_point": {**_se_fixed_point(se_res), "n_iter": int(se_res.n_iter)}},
         "final": {
             "mse": _finite_or_none(hist["mse"][-1]) if k else None,
             "se_mse": _finite_or_none(se_mse[k - 1]) if 0 < k <= len(se_mse) else None,
             "test_error": _finite_or_none(test_error),
+            "test_error_noisy": _finite_or_none(test_error_noisy),
             "train_loss": _finite_or_none(hist["train_loss"][-1]) if k else None,
+            "train_objective": (_finite_or_none(train_objective[-1])
+                                if k and train_objective is not None and len(train_objective) else None),
         },
     }
     if not args.json:
         print(f"\n{est.result_.message}")
         print(f"final mse = {out['final']['mse']} (SE: {out['final']['se_mse']}), "
-              f"test error on {test.n} fresh samples = {test_error:.5f}, time per iteration = {time_per_iter:.3f} s")
+              f"test error on {test.n} fresh samples = {test_error:.5f} "
+              f"(against their noisy labels: {test_error_noisy:.5f}), time per iteration = {time_per_iter:.3f} s")
     return out
 
 
 # --------------------------------------------------------------------------------------------
 # se
 # --------------------------------------------------------------------------------------------
-
-
-def _progress_bar(i, total, label, width=30):
-    done = int(width * i / total)
-    _eprint(f"\r[{'#' * done}{'.' * (width - done)}] {i}/{total} {label}", end="")
-    if i == total:
-        _eprint("")
 
 
 def cmd_se(args) -> dict:
@@ -226,44 +277,48 @@ def cmd_se(args) -> dict:
     else:  # no closed d -> infinity law: the exact spectrum at --d
         teacher = _make_teacher(args, args.d, np.random.default_rng(args.seed))
         law = aa.SpectralLaw.atoms(teacher.eigenvalues)
-    keys = ["mse", "m", "q", "test_error", "converged", "n_iter"] + (["train_loss"] if args.estimator == "erm" else [])
+    erm = args.estimator == "erm"
+    keys = (["mse", "m", "q", "test_error", "test_error_noisy"] + (["train_loss", "train_objective"] if erm else [])
+            + ["V", "A_hat", "m_hat", "q_hat", "a", "Delta", "converged", "n_iter"])
     res = {k: [] for k in keys}
     init = None
     alphas = args.alpha
     t0 = time.perf_counter()
+    bar = progress_bar(total=len(alphas), desc="se", disable=args.json, unit="alpha")
     for i, alpha in enumerate(alphas):
-        if not args.json:
-            _progress_bar(i, len(alphas), f"alpha={alpha:g}")
+        bar.set_postfix_str(f"alpha={alpha:g}", refresh=False)
         if args.estimator == "erm":
             r = aa.state_evolution(alpha, T, teacher, channel, args.loss, args.reg, args.lam, args.beta,
                                    max_iter=args.iters, tol=args.tol, damping=args.damping, seed=args.seed,
-                                   n_mc=args.n_mc, init=init)
+                                   n_mc=args.n_mc, init=init, output_rule=args.output_rule,
+                                   prox_start=args.prox_start)
             init = (r.m, r.q, r.V) if r.converged else None
-            test_error, extra = r.test_error, {"train_loss": r.train_loss}
         else:
             r = aa.bayes_state_evolution(alpha, T, law, channel, max_iter=max(args.iters, 1000),
                                          tol=args.tol, damping=args.damping, predictions=True,
-                                         n_mc=args.n_mc, seed=args.seed)
-            test_error, extra = r.test_error, {}
-        for k, v in (("mse", r.mse), ("m", r.m), ("q", r.q), ("test_error", test_error)):
-            res[k].append(_finite_or_none(v))
+                                         n_mc=args.n_mc, seed=args.seed, output_rule=args.output_rule)
+        for k in ("mse", "m", "q"):
+            res[k].append(_finite_or_none(getattr(r, k)))
+        # quantities an SE result may not provide (None), e.g. train_* for the Bayes-optimal SE
+        for k in ("test_error", "test_error_noisy") + (("train_loss", "train_objective") if erm else ()):
+            res[k].append(_optional(r, k))
+        for k, v in _se_fixed_point(r).items():
+            res[k].append(v)
         res["converged"].append(bool(r.converged))
         res["n_iter"].append(int(r.n_iter))
-        for k, v in extra.items():
-            res[k].append(_finite_or_none(v))
+        bar.update(1)
+    bar.set_postfix_str(f"done in {time.perf_counter() - t0:.1f} s", refresh=False)
+    bar.close()
     if not args.json:
-        _progress_bar(len(alphas), len(alphas), f"done in {time.perf_counter() - t0:.1f} s")
         what = (f"ERM loss={args.loss} reg={args.reg} lam={args.lam}" if args.estimator == "erm"
                 else "Bayes-optimal")
         print(f"state evolution (d -> infinity), {what}, T={T}, teacher={law!r}, channel={args.channel}")
-        head = f"{'alpha':>8} {'mse':>10} {'m':>9} {'q':>9} {'test_error':>11}"
-        head += f" {'train_loss':>11}" if args.estimator == "erm" else ""
-        print(head + f" {'converged':>9}")
+        cols = ["mse", "m", "q", "test_error", "test_error_noisy"] + (["train_loss", "train_objective"] if erm else [])
+        cols = [c for c in cols if any(v is not None for v in res[c])]  # columns the SE provides
+        print(f"{'alpha':>8} " + " ".join(f"{c:>{max(len(c), 9)}}" for c in cols) + f" {'converged':>9}")
         for i, alpha in enumerate(alphas):
-            row = f"{alpha:8.4g} {_fmt(res['mse'][i]):>10} {_fmt(res['m'][i]):>9} {_fmt(res['q'][i]):>9} " \
-                  f"{_fmt(res['test_error'][i]):>11}"
-            row += f" {_fmt(res['train_loss'][i]):>11}" if args.estimator == "erm" else ""
-            print(row + f" {str(res['converged'][i]):>9}")
+            row = " ".join(f"{_fmt(res[c][i]):>{max(len(c), 9)}}" for c in cols)
+            print(f"{alpha:8.4g} {row} {str(res['converged'][i]):>9}")
     params = {k: v for k, v in vars(args).items() if k not in ("func", "json", "command", "alpha")}
     return {"alpha": list(alphas), **res, "params": params}
 
@@ -295,21 +350,252 @@ def cmd_bench(args) -> dict:
 
 
 # --------------------------------------------------------------------------------------------
+# sweep
+# --------------------------------------------------------------------------------------------
+
+
+def _values(conv):
+    """An argparse type: a comma list ``a,b,c`` or ``start:stop:num`` (``num`` evenly spaced values)."""
+
+    def parse(s):
+        try:
+            parts = s.split(":")
+            if len(parts) == 3:
+                start, stop, num = float(parts[0]), float(parts[1]), int(parts[2])
+                if num < 1:
+                    raise ValueError
+                return [conv(v) for v in np.linspace(start, stop, num).tolist()]
+            vals = [conv(x.strip()) for x in s.split(",") if x.strip()]
+        except (ValueError, argparse.ArgumentTypeError):
+            raise argparse.ArgumentTypeError(f"expected a comma list or start:stop:num, got {s!r}") from None
+        if not vals:
+            raise argparse.ArgumentTypeError(f"expected at least one value, got {s!r}")
+        return vals
+
+    return parse
+
+
+def _int_value(x):
+    v = float(x)
+    if not v.is_integer():
+        raise ValueError(x)
+    return int(v)
+
+
+def _damping_value(x):
+    return x if x == "auto" else float(x)
+
+
+#: sweep options: (flag, grid parameter, value type, help)
+_SWEEP_OPTIONS = [
+    ("--alpha", "alpha", float, "sample complexity n / d^2"),
+    ("--T", "T", _int_value, "tokens per sequence"),
+    ("--teacher", "teacher", str, "teacher: wishart, powerlaw, lowrank"),
+    ("--rho", "rho", float, "Wishart rank ratio"),
+    ("--gamma", "gamma", float, "power-law exponent"),
+    ("--rank", "rank", _int_value, "low-rank teacher rank"),
+    ("--channel", "channel", str, "channel: softmax, hardmax, linear"),
+    ("--beta", "beta", float, "softmax inverse temperature"),
+    ("--noise", "noise", float, "noise variance per whitened component"),
+    ("--loss", "loss", str, "ERM loss: cross_entropy, square, softmax_square"),
+    ("--reg", "reg", str, "ERM penalty: nuclear, frobenius"),
+    ("--lam", "lam", float, "ERM regularisation strength"),
+    ("--damping", "damping", _damping_value, "damping: 'auto' or numbers in [0, 1)"),
+    ("--d", "d", _int_value, "dimension (sampled kinds; SE: exact spectrum of non-Wishart teachers)"),
+    ("--iters", "max_iter", _int_value, "maximum iterations per point"),
+    ("--tol", "tol", float, "tolerance"),
+    ("--n-mc", "n_mc", _int_value, "SE output-side node budget"),
+    ("--output-rule", "output_rule", str, "SE output-side rule: auto, qmc, mc, gauss_hermite"),
+    ("--prox-start", "prox_start", str, "SE softmax_square prox: global, teacher"),
+    ("--variance", "variance", str, "AMP variances: sample, scalar"),
+    ("--method", "method", str, "direct ERM method: lbfgs, prox"),
+    ("--n-test", "n_test", _int_value, "fresh test samples (sampled kinds)"),
+]
+
+
+def cmd_sweep(args) -> dict:
+    from amp_attention.sweep import sweep, write_sweep
+
+    out = str(args.out)
+    if not out.lower().endswith((".csv", ".parquet", ".json")):
+        raise ValueError(f"--out must end in .csv, .parquet or .json, got {out!r}")
+    if out.lower().endswith(".parquet"):  # fail before the sweep, not after it
+        import importlib.util
+
+        if not any(importlib.util.find_spec(m) for m in ("pyarrow", "fastparquet")):
+            raise ValueError("writing .parquet needs pyarrow (pip install pyarrow); or use .csv / .json")
+    grid = {name: getattr(args, name) for _, name, _, _ in _SWEEP_OPTIONS if getattr(args, name) is not None}
+    if args.scheduler is not None and args.jobs is not None and args.scheduler != "local":
+        raise ValueError("give either --jobs or --scheduler ADDRESS, not both")
+    executor = args.scheduler if args.scheduler is not None else args.jobs
+    t0 = time.perf_counter()
+    df = sweep(args.kind, grid, seeds=args.seeds, executor=executor, cache=args.cache, progress=True,
+               jobs=args.jobs)
+    write_sweep(df, out)
+    wall = time.perf_counter() - t0
+    n_cached = int(df["cached"].sum())
+    if not args.json:
+        print(f"sweep {args.kind}: {len(df)} rows ({n_cached} from the cache, "
+              f"{int(df['converged'].sum())} converged) in {wall:.1f} s -> {out}")
+    return {"out": out, "kind": args.kind, "rows": int(len(df)), "cached": n_cached,
+            "converged": int(df["converged"].sum()), "wall_time_s": wall, "grid": grid}
+
+
+# --------------------------------------------------------------------------------------------
+# spectrum, thresholds
+# --------------------------------------------------------------------------------------------
+
+
+def _pushforward_summary(pf, outlier_mass):
+    """Intervals of the continuous part of the predicted spectrum (split where the density vanishes on
+    both sides of a gap), their masses; the heaviest is bulk, light ones (< outlier_mass) outliers."""
+    y, rho = np.asarray(pf.y, float), np.asarray(pf.density, float)
+    cuts = [i + 1 for i in range(len(y) - 1) if rho[i] <= 0 and rho[i + 1] <= 0 and y[i + 1] > y[i]]
+    pieces = []
+    for lo, hi in zip([0] + cuts, cuts + [len(y)]):
+        yy, dd = y[lo:hi], rho[lo:hi]
+        mass = float(np.trapezoid(dd, yy)) if len(yy) > 1 else 0.0
+        if mass > 0:
+            pieces.append({"lo": float(yy[0]), "hi": float(yy[-1]), "mass": mass,
+                           "position": float(np.trapezoid(dd * yy, yy) / mass)})
+    heaviest = max((p["mass"] for p in pieces), default=0.0)
+    bulk = [p for p in pieces if p["mass"] == heaviest or p["mass"] >= outlier_mass]
+    outliers = [p for p in pieces if p not in bulk]
+    return bulk, outliers
+
+
+def _predicted_cdf(pf):
+    """``F(y)`` of the predicted law (atom at 0) and its left limit ``F(y-)``."""
+    y, rho = np.asarray(pf.y, float), np.asarray(pf.density, float)
+    cum = np.concatenate([[0.0], np.cumsum(0.5 * (rho[1:] + rho[:-1]) * np.diff(y))])
+
+    def cdf(v, left=False):
+        atom = pf.atom_mass * ((v > 0) if left else (v >= 0))
+        return atom + np.interp(v, y, cum, left=0.0, right=cum[-1])
+
+    return cdf
+
+
+def cmd_spectrum(args) -> dict:
+    import amp_attention as aa
+    from amp_attention.spectral import shat_spectrum
+
+    channel = _make_channel(args)
+    if args.teacher == "wishart":
+        law = aa.SpectralLaw.wishart(args.rho)
+    else:
+        law = aa.SpectralLaw.atoms(_make_teacher(args, args.d or 200, np.random.default_rng(args.seed)).eigenvalues)
+    if args.estimator == "erm":
+        r = aa.state_evolution(args.alpha, args.T, law, channel, args.loss, args.reg, args.lam, args.beta,
+                               max_iter=args.iters, tol=args.tol, damping=args.damping, n_mc=args.n_mc,
+                               seed=args.seed, output_rule=args.output_rule)
+        f = aa.make_denoiser(args.reg, args.lam).scalar_map(r.A_hat)
+    else:
+        r = aa.bayes_state_evolution(args.alpha, args.T, law, channel, max_iter=max(args.iters, 1000),
+                                     damping=args.damping, n_mc=args.n_mc, seed=args.seed,
+                                     output_rule=args.output_rule)
+        f = aa.RIEDenoiser(law).scalar_map(r.A_hat)
+    pf = shat_spectrum(law, r.a, r.Delta, f)
+    bulk, outliers = _pushforward_summary(pf, args.outlier_mass)
+    out = {"se": {"mse": _finite_or_none(r.mse), "converged": bool(r.converged), "message": r.message,
+                  **_se_fixed_point(r)},
+           "predicted": {"zero_atom_mass": float(pf.atom_mass), "rank_fraction": 1.0 - float(pf.atom_mass),
+                         "bulk": bulk, "outliers": outliers}}
+    if args.d is not None:
+        rng = np.random.default_rng(args.seed)
+        teacher = _make_teacher(args, args.d, rng)
+        data = aa.sample_data(max(1, int(round(args.alpha * args.d ** 2))), args.T, teacher, channel, rng)
+        est = (aa.ERMAttention(loss=args.loss, reg=args.reg, lam=args.lam, beta=args.beta, max_iter=args.iters,
+                               tol=args.tol, damping=args.damping) if args.estimator == "erm"
+               else aa.BayesAttention(channel, teacher, max_iter=args.iters, tol=args.tol, damping=args.damping))
+        est.fit(data.X, data.y)
+        eig = np.sort(np.linalg.eigvalsh(est.S_))
+        eig = np.where(np.abs(eig) <= 1e-12 * max(1.0, np.abs(eig).max()), 0.0, eig)
+        cdf = _predicted_cdf(pf)
+        u, counts = np.unique(eig, return_counts=True)  # ties (the zeros): compare both one-sided limits
+        right = np.cumsum(counts) / len(eig)
+        ks = max(np.max(np.abs(right - cdf(u))), np.max(np.abs(right - counts / len(eig) - cdf(u, left=True))))
+        out["empirical"] = {"d": args.d, "eigenvalues": _list(eig), "zero_fraction": float(np.mean(eig == 0)),
+                            "ks_distance": float(ks), "amp_converged": bool(est.converged_)}
+    if not args.json:
+        print(f"predicted spectrum of S_hat (alpha={args.alpha}, SE mse {r.mse:.5f}, {r.message})")
+        print(f"  atom at 0: mass {pf.atom_mass:.5f}   rank / d: {1 - pf.atom_mass:.5f}")
+        for kind, rows in (("bulk", bulk), ("outlier", outliers)):
+            for b in rows:
+                print(f"  {kind:8s} [{b['lo']:.5f}, {b['hi']:.5f}]  mass {b['mass']:.5f}  mean {b['position']:.5f}")
+        if "empirical" in out:
+            e = out["empirical"]
+            print(f"  AMP at d={args.d}: zero fraction {e['zero_fraction']:.5f}, "
+                  f"Kolmogorov-Smirnov distance {e['ks_distance']:.4f}")
+    return out
+
+
+def cmd_thresholds(args) -> dict:
+    import amp_attention as aa
+
+    channel = _make_channel(args)
+    if args.teacher == "wishart":
+        law = aa.SpectralLaw.wishart(args.rho)
+    else:
+        law = aa.SpectralLaw.atoms(_make_teacher(args, args.d, np.random.default_rng(args.seed)).eigenvalues)
+    se_kw = {"n_mc": args.n_mc, "seed": args.seed}
+    bracket = (args.lo, args.hi)
+    runs = {"recovery": lambda: aa.recovery_threshold(args.T, law, channel, args.loss, "nuclear", args.lam,
+                                                      bracket=bracket, **se_kw),
+            "interpolation": lambda: aa.interpolation_threshold(args.T, law, channel, args.loss, "frobenius",
+                                                                args.lam, bracket=bracket, **se_kw),
+            "bayes": lambda: aa.bayes_threshold(args.T, law, channel, bracket=bracket)}
+    unknown = [w for w in args.which if w not in runs]
+    if unknown:
+        raise ValueError(f"--which: unknown threshold(s) {', '.join(unknown)}; expected recovery, interpolation, bayes")
+    out = {}
+    for name in args.which:
+        try:
+            t = runs[name]()
+            out[name] = {"alpha": _optional(t, "alpha"), "found": bool(t.found), "message": t.message,
+                         "bracket": _list(t.bracket), "evaluations": len(t.evaluations)}
+        except NotImplementedError as exc:  # e.g. the Bayes SE of the hardmax channel
+            out[name] = {"alpha": None, "found": False, "message": f"not available: {exc}"}
+    if args.teacher == "wishart" and args.channel == "softmax" and args.noise == 0:
+        out["counting_bound"] = aa.perfect_recovery_threshold(args.rho, args.T)
+    if not args.json:
+        for name, v in out.items():
+            print(f"{name:>14}: " + (f"{v:.5f}" if isinstance(v, float) else
+                                     f"{'-' if v['alpha'] is None else format(v['alpha'], '.5f')}  ({v['message']})"))
+    return out
+
+
+# --------------------------------------------------------------------------------------------
 # parser
 # --------------------------------------------------------------------------------------------
 
 
+class _Parser(argparse.ArgumentParser):
+    """An ``ArgumentParser`` whose help shows every option's default (also for the subcommands,
+    through ``add_subparsers(parser_class=_Parser)``)."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", argparse.ArgumentDefaultsHelpFormatter)
+        super().__init__(*args, **kwargs)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="amp-attention", description=__doc__.split("\n\n")[0])
-    sub = parser.add_subparsers(dest="command")
+    from amp_attention import __version__
+
+    parser = _Parser(prog="amp-attention", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", parser_class=_Parser)
 
     p = sub.add_parser("run", help="sample an instance and run AMP next to its state evolution")
-    p.add_argument("--d", type=_positive_int, default=100, help="token dimension (default 100)")
+    p.add_argument("--d", type=_positive_int, default=100, help="token dimension")
     _add_model_options(p)
     p.add_argument("--iters", type=_positive_int, default=50, help="maximum AMP iterations")
     p.add_argument("--tol", type=_nonneg_float, default=1e-8, help="AMP tolerance (0: run all iterations)")
-    p.add_argument("--n-mc", dest="n_mc", type=_positive_int, default=100_000, help="SE Monte Carlo draws")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--n-mc", dest="n_mc", type=_positive_int, default=100_000,
+                   help="node budget of the SE output side's Gaussian averages")
+    p.add_argument("--output-rule", dest="output_rule", choices=["auto", "qmc", "mc", "gauss_hermite"],
+                   default="auto", help="SE output-side rule: 'auto' = quasi-Monte Carlo, seed-independent")
+    p.add_argument("--seed", type=int, default=0, help="seed of the instance and of the SE draws")
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("se", help="state-evolution fixed points (d -> infinity) along a list of alpha")
@@ -317,28 +603,79 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--d", type=_positive_int, default=200,
                    help="dimension of the exact spectrum for teachers without a closed limit law")
     p.add_argument("--iters", type=_positive_int, default=500, help="maximum SE steps per alpha")
-    p.add_argument("--tol", type=_nonneg_float, default=1e-8)
-    p.add_argument("--n-mc", dest="n_mc", type=_positive_int, default=100_000, help="Monte Carlo draws")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--tol", type=_nonneg_float, default=1e-8, help="SE tolerance on the change of (m, q, V)")
+    p.add_argument("--n-mc", dest="n_mc", type=_positive_int, default=100_000,
+                   help="node budget of the output side's Gaussian averages")
+    p.add_argument("--output-rule", dest="output_rule", choices=["auto", "qmc", "mc", "gauss_hermite"],
+                   default="auto", help="output-side rule: 'auto' = quasi-Monte Carlo, seed-independent")
+    p.add_argument("--prox-start", dest="prox_start", choices=["global", "teacher"], default="global",
+                   help="softmax_square only: the SE's prox is the global minimiser or the one reached from z*")
+    p.add_argument("--seed", type=int, default=0, help="seed of the Monte Carlo draws")
     p.set_defaults(func=cmd_se)
 
     p = sub.add_parser("bench", help="per-iteration AMP time over the floor (two GEMMs + one eigh)")
-    p.add_argument("--d", type=lambda s: [int(x) for x in s.split(",")], default=[100, 200])
-    p.add_argument("--T", type=int, default=3)
-    p.add_argument("--alpha", type=_positive_float, default=0.5)
-    p.add_argument("--loss", choices=["cross_entropy", "square"], default="cross_entropy")
-    p.add_argument("--reg", choices=["nuclear", "frobenius"], default="nuclear")
-    p.add_argument("--repeats", type=_positive_int, default=5)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--d", type=lambda s: [int(x) for x in s.split(",")], default=[100, 200],
+                   help="token dimensions (comma-separated)")
+    p.add_argument("--T", type=int, default=3, help="tokens per sequence")
+    p.add_argument("--alpha", type=_positive_float, default=0.5, help="sample complexity n / d^2")
+    p.add_argument("--loss", choices=["cross_entropy", "square"], default="cross_entropy", help="ERM loss")
+    p.add_argument("--reg", choices=["nuclear", "frobenius"], default="nuclear", help="ERM penalty")
+    p.add_argument("--repeats", type=_positive_int, default=5, help="timed repetitions")
+    p.add_argument("--seed", type=int, default=0, help="seed of the instance")
+    p.add_argument("--json", action="store_true", help="print exactly one JSON object on stdout")
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("sweep", help="a grid of SE / AMP / ERM runs, in parallel (processes or Dask), cached, "
+                                     "to a CSV, Parquet or JSON table")
+    p.add_argument("--kind", choices=["se", "bayes_se", "amp", "erm", "bayes_amp"], default="se",
+                   help="what runs at each point")
+    for flag, name, conv, text in _SWEEP_OPTIONS:
+        p.add_argument(flag, dest=name, type=_values(conv), default=None,
+                       help=text + " (comma list or start:stop:num; default: amp_attention.sweep.PARAMETERS)")
+    p.add_argument("--seeds", type=_positive_int, default=1, help="seeds per point")
+    p.add_argument("--jobs", type=_positive_int, default=None, help="local worker processes (default: serial)")
+    p.add_argument("--scheduler", default=None,
+                    help="Dask scheduler address, or 'local' for a LocalCluster (of --jobs workers, default 2)")
+    p.add_argument("--cache", default=None, help="directory of per-point results; a re-run computes only the missing")
+    p.add_argument("--out", required=True, help="output table: FILE.csv, FILE.parquet or FILE.json")
+    p.add_argument("--json", action="store_true", help="print exactly one JSON object on stdout")
+    p.set_defaults(func=cmd_sweep)
+
+    p = sub.add_parser("spectrum", help="predicted spectrum of S_hat at the SE fixed point (and AMP's, with --d)")
+    _add_model_options(p)
+    p.add_argument("--d", type=_positive_int, default=None,
+                   help="if given: also run AMP at this d and compare its eigenvalues (Kolmogorov-Smirnov); "
+                        "the exact-spectrum dimension for non-Wishart teachers (else 200)")
+    p.add_argument("--iters", type=_positive_int, default=500, help="maximum SE / AMP iterations")
+    p.add_argument("--tol", type=_nonneg_float, default=1e-8, help="SE / AMP tolerance")
+    p.add_argument("--n-mc", dest="n_mc", type=_positive_int, default=100_000, help="SE output-side node budget")
+    p.add_argument("--output-rule", dest="output_rule", choices=["auto", "qmc", "mc", "gauss_hermite"],
+                   default="auto", help="SE output-side rule")
+    p.add_argument("--outlier-mass", dest="outlier_mass", type=_positive_float, default=0.05,
+                   help="support intervals lighter than this (other than the heaviest) are outliers")
+    p.add_argument("--seed", type=int, default=0, help="seed of the SE draws and of the AMP instance")
+    p.set_defaults(func=cmd_spectrum)
+
+    p = sub.add_parser("thresholds", help="recovery, interpolation and Bayes-optimal thresholds in alpha")
+    _add_model_options(p)
+    p.set_defaults(loss="square", lam=1e-5)
+    p.add_argument("--which", type=lambda s: [w for w in s.split(",") if w], default=["recovery", "interpolation",
+                                                                                      "bayes"],
+                   help="comma list of: recovery (nuclear ERM), interpolation (Frobenius ERM), bayes")
+    p.add_argument("--lo", type=_positive_float, default=0.02, help="lower end of the initial alpha bracket")
+    p.add_argument("--hi", type=_positive_float, default=1.0, help="upper end of the initial alpha bracket")
+    p.add_argument("--d", type=_positive_int, default=200, help="exact-spectrum dimension for non-Wishart teachers")
+    p.add_argument("--n-mc", dest="n_mc", type=_positive_int, default=100_000, help="SE output-side node budget")
+    p.add_argument("--seed", type=int, default=0, help="seed of the SE draws")
+    p.set_defaults(func=cmd_thresholds)
     return parser
 
 
 def main(argv=None) -> int:
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] not in ("run", "se", "bench", "-h", "--help"):
+    if not argv or argv[0] not in ("run", "se", "bench", "sweep", "spectrum", "thresholds", "-h", "--help",
+                                   "--version"):
         argv = ["run"] + argv
     args = parser.parse_args(argv)
     try:

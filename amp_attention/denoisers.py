@@ -106,6 +106,10 @@ class NuclearDenoiser(InputFactor):
     def spectrum(self, eigenvalues, A_hat):
         return soft_threshold_spectrum(eigenvalues, self.lam / A_hat, self.width)
 
+    def se_penalty(self, law, a, Delta, A_hat, overlaps) -> float:
+        """``lam d Tr(S) / d^2 = lam Tr(S)/d = lam int f rho_R`` (free probability)."""
+        return self.lam * RDensity(law, a, Delta).integrate(self.scalar_map(A_hat))
+
     def check_se(self):
         if self.width is not None:
             raise ValueError("the state evolution has no counterpart of width: use width=None")
@@ -138,6 +142,10 @@ class FrobeniusDenoiser(InputFactor):
     def se_overlaps(self, law, a, Delta, A_hat) -> Overlaps:
         c, Q = self.scalar_map(A_hat).c, law.Q
         return Overlaps(c * a * Q, c * c * (a * a * Q + Delta), c / (2 * A_hat))
+
+    def se_penalty(self, law, a, Delta, A_hat, overlaps) -> float:
+        """``(lam d / 2) ||S||_F^2 / d^2 = lam q / 2``."""
+        return 0.5 * self.lam * overlaps.q
 
     def penalty(self, S: np.ndarray) -> float:
         return 0.5 * self.lam * S.shape[0] * float(np.sum(S * S))

@@ -17,6 +17,11 @@ Losses (sums over all ``T x T`` entries; ``y`` may be non-symmetric):
   ``beta (softmax_b(beta h_a) - y_a)``; evaluated with the log-sum-exp shift, stable for any beta.
   The targets must be row-stochastic (``y >= 0``, rows summing to 1); then the loss is flat along
   ``h -> h + c 11^T`` and equals ``-sum_ab y_ab log softmax_b(beta h_a)_b``.
+- ``'softmax_square'``: ``sum_a ||y_a - softmax(beta h_a)||^2`` (no 1/2; the ERM loss of
+  arXiv 2509.24914), gradient ``2 beta p_ac (r_ac - sum_b p_ab r_ab)`` with
+  ``p_a = softmax(beta h_a)``, ``r = p - y``; the softmax is evaluated as
+  ``softmax(beta (h_a - max h_a))``, stable for any beta.  Needs ``T >= 2``; ``y`` may be any
+  finite array.  Bounded and flat along ``h -> h + c 11^T`` but **not convex** (next paragraph).
 
 Regularisers (with ``d`` the token dimension):
 
@@ -42,8 +47,13 @@ Optimality (``kkt_residual``): with ``G = grad_S sum loss`` the natural residual
 ``S (G + lam d I) = 0``) and ``||G + lam d S||_F`` (frobenius).  ``tol`` is relative to the scale
 ``||G(0)||_F + lam d sqrt(d)`` (nuclear) or ``||G(0)||_F`` (frobenius) of the gradient at ``S = 0``.
 
-Uniqueness: for ``lam > 0`` the Frobenius problem is strongly convex, and the nuclear problem is
-convex with a unique minimiser in the generic case (always unique in ``h`` for the square loss).
+Non-convex loss (``'softmax_square'``): the solvers only find stationary points, so
+:func:`direct_erm` runs from several starts (``S0`` if given, then ``n_starts`` seeded random points,
+default 4: :func:`_random_start`) and returns the lowest objective; every start's objective and
+relative KKT residual are reported (``ERMResult.start_objectives``, ``start_residuals``).
+
+Uniqueness (convex losses): for ``lam > 0`` the Frobenius problem is strongly convex, and the
+nuclear problem is convex with a unique minimiser in the generic case (always unique in ``h`` for the square loss).
 ``lam = 0`` is allowed (unregularised / PSD-constrained fit) but is only well-posed with enough data
 (``n (K - [cross_entropy]) >= d(d+1)/2``); with one-hot targets and cross-entropy it may diverge.
 """
@@ -69,7 +79,13 @@ from .operator import SensingOperator
 
 __all__ = ["ERMResult", "direct_erm", "erm_objective", "erm_gradient", "kkt_residual"]
 
-LOSSES = ("square", "cross_entropy")
+LOSSES = ("square", "cross_entropy", "softmax_square")
+NONCONVEX_LOSSES = ("softmax_square",)
+#: Default number of random starts for a non-convex loss (in addition to ``S0`` if given).
+NONCONVEX_STARTS = 4
+#: Scales of the random starts ``j >= 1`` (cycled): ``Tr(S)/d`` (nuclear) or
+#: ``(Tr(S^2)/d)^(1/2)`` (frobenius) of the random start.
+RANDOM_START_SCALES = (1.0, 0.3, 2.0, 0.1)
 REGS = ("nuclear", "frobenius")
 METHODS = ("lbfgs", "prox")
 
@@ -103,6 +119,13 @@ class ERMResult:
     method : str, ``'lbfgs'`` or ``'prox'``.
     message : str, solver message.
     width : int or None, the rank budget used (None: d).
+    start_objectives : (n_starts,) float64, the final objective of every start, in the order of
+        ``start_labels`` (``'S0'`` for the given start, ``'random0'``, ``'random1'``, ...).
+    start_residuals : (n_starts,) float64, each start's relative KKT residual
+        (``grad_norm / grad_scale`` at its end point).
+    best_start : int, index of the returned start (lowest objective; the earliest among ties).
+        ``S``, ``objective``, ``n_iter``, ``history``, ``times``, ``converged`` and ``message``
+        describe that start; ``times`` are measured from the start of the call.
     """
 
     S: np.ndarray
@@ -116,6 +139,10 @@ class ERMResult:
     message: str = ""
     width: int | None = None
     times: np.ndarray | None = None
+    start_objectives: np.ndarray | None = None
+    start_residuals: np.ndarray | None = None
+    start_labels: tuple = ()
+    best_start: int = 0
 
     @property
     def relative_residual(self) -> float:
@@ -134,6 +161,20 @@ def _loss_and_grad_h(y: np.ndarray, H: np.ndarray, loss: str, beta: float, grad:
         R = H - y
         val = 0.5 * float(np.sum(R * R))
         return val, (R if grad else None)
+    if loss == "softmax_square":
+        # l = sum_ab (p_ab - y_ab)^2, p_a = softmax(beta h_a) (shift by the row max of h first);
+        # dl/dh_ac = sum_b 2 r_ab beta p_ab (delta_bc - p_ac) = 2 beta p_ac (r_ac - sum_b p_ab r_ab)
+        with np.errstate(over="ignore"):
+            s = beta * (H - H.max(axis=-1, keepdims=True))
+        e = np.exp(s)
+        P = e / e.sum(axis=-1, keepdims=True)
+        R = P - y
+        val = float(np.sum(R * R))
+        if not grad:
+            return val, None
+        # (multiplied in this order so that saturated rows, where P (R - <P, R>) is exactly 0, stay 0
+        # even when 2 beta overflows)
+        return val, 2.0 * (beta * (P * (R - np.sum(P * R, axis=-1, keepdims=True))))
     # cross-entropy: -sum_b y_ab log p_ab + (1 - r_a) lse_a with p = softmax(beta h_a),
     # r_a = sum_b y_ab; identical to the docs/theory.md formula, with less cancellation for large beta.
     s = beta * H
@@ -221,6 +262,11 @@ def _validate(X, y, loss, reg, lam, beta):
     reg = _check_choice(reg, "reg", REGS)
     lam = check_nonnegative(lam, "lam")
     beta = check_positive(beta, "beta")
+    if loss == "softmax_square" and T == 1:
+        raise ValueError(
+            "loss='softmax_square' needs T >= 2 tokens: the softmax over one token is constant "
+            "(= 1) and the loss does not depend on S"
+        )
     if loss == "cross_entropy":
         if T == 1:
             raise ValueError(
@@ -254,8 +300,9 @@ def erm_objective(X, y, S, loss="cross_entropy", reg="nuclear", lam=0.01, beta=1
     Parameters
     ----------
     X : (n, T, d) tokens.   y : (n, T, T) targets.   S : (d, d) symmetric.
-    loss : ``'square'`` or ``'cross_entropy'``.   reg : ``'nuclear'`` or ``'frobenius'``.
-    lam : float >= 0.   beta : float > 0 (cross-entropy inverse temperature).
+    loss : ``'square'``, ``'cross_entropy'`` or ``'softmax_square'``.
+    reg : ``'nuclear'`` or ``'frobenius'``.
+    lam : float >= 0.   beta : float > 0 (inverse temperature of the softmax losses).
 
     For ``reg='nuclear'`` the value is ``+inf`` if S is not PSD (smallest eigenvalue below
     ``-1e-10`` times the largest absolute one).
@@ -509,15 +556,18 @@ def direct_erm(
     tol: float = 1e-10,
     max_iter: int | None = None,
     random_state=None,
+    n_starts: int | None = None,
 ) -> ERMResult:
     """Minimise ``sum_mu loss(y_mu, h(S; X_mu)) + reg(S)`` directly (docs/theory.md §4).
 
     Parameters
     ----------
     X : (n, T, d) tokens.   y : (n, T, T) targets (row-stochastic for cross-entropy).
-    loss : ``'square'`` (``1/2||y - h||_F^2``) or ``'cross_entropy'`` (needs T >= 2).
+    loss : ``'square'`` (``1/2||y - h||_F^2``), ``'cross_entropy'`` (needs T >= 2) or
+        ``'softmax_square'`` (``sum_a ||y_a - softmax(beta h_a)||^2``, needs T >= 2, non-convex:
+        multi-start, see ``n_starts``).
     reg : ``'nuclear'`` (``lam d Tr S``, S PSD) or ``'frobenius'`` (``lam d/2 ||S||_F^2``).
-    lam : float >= 0.   beta : float > 0, the cross-entropy inverse temperature.
+    lam : float >= 0.   beta : float > 0, the inverse temperature of the softmax losses.
     width : int in 1..d or None (nuclear only): rank budget ``m`` of ``S = W W^T`` (default d,
         exact).  With ``method='prox'`` only the m largest eigenvalues are kept after each prox.
     S0 : (d, d) symmetric initial point or None.  ``'lbfgs'`` nuclear: ``W0`` = top-m square-root
@@ -527,15 +577,19 @@ def direct_erm(
         or ``'prox'`` (FISTA with backtracking and restart on S).
     tol : float > 0, target for the natural KKT residual relative to the gradient scale at S = 0
         (module docstring).  The default 1e-10 gives S to ~1e-8 relative Frobenius or better.
-    max_iter : int >= 1 or None (default 20000 for 'lbfgs', 50000 for 'prox').
-    random_state : None, int or numpy Generator (seeds the random initial factor).
+    max_iter : int >= 1 or None (default 20000 for 'lbfgs', 50000 for 'prox'), per start.
+    random_state : None, int or numpy Generator (seeds the random starts and perturbations).
+    n_starts : int >= 0 or None, the number of seeded random starts, run after ``S0`` (if given);
+        the start with the lowest objective is returned.  Default: convex losses a single run
+        (one random start if ``S0`` is None, else none); ``'softmax_square'``: 4.  Random start 0
+        is the default start above; starts ``j >= 1`` are larger random points (:func:`_random_start`).
 
     Returns
     -------
-    ERMResult with ``S``, ``objective``, ``n_iter``, ``converged``, ``history``, ``grad_norm``.
+    ERMResult with ``S``, ``objective``, ``n_iter``, ``converged``, ``history``, ``grad_norm`` of
+    the best start, and every start's ``start_objectives`` / ``start_residuals``.
     """
     t_start = time.perf_counter()
-    times: list[float] = []
     X, y, loss, reg, lam, beta = _validate(X, y, loss, reg, lam, beta)
     n, T, d = X.shape
     method = _check_choice(method, "method", METHODS)
@@ -550,39 +604,31 @@ def direct_erm(
     if S0 is not None:
         S0 = check_symmetric(S0, "S0", d=d)
         S0 = 0.5 * (S0 + S0.T)
+    if n_starts is None:
+        n_starts = NONCONVEX_STARTS if loss in NONCONVEX_LOSSES else (1 if S0 is None else 0)
+    n_starts = _check_int(n_starts, "n_starts", 0)
+    if n_starts == 0 and S0 is None:
+        raise ValueError("n_starts must be >= 1 when no S0 is given (there would be no start)")
     rng = check_rng(random_state)
 
     problem = _Problem(X, y, loss, reg, lam, beta)
     scale = problem.scale()
+    m = d if width is None else width
 
-    if method == "prox":
-        start = np.zeros((d, d)) if S0 is None else S0
-        S, n_iter, history, converged, message = _run_fista(problem, start, width, scale, tol, max_iter, times, t_start)
-        r = problem.residual(S)
-    else:
-        record: dict = {}
-        if reg == "nuclear":
-            m = d if width is None else width
-            if S0 is None:
-                W0 = rng.standard_normal((d, m)) * np.sqrt(1e-2 / d)
-            else:
-                L, U = np.linalg.eigh(S0)
-                Lm, Um = L[::-1][:m], U[:, ::-1][:, :m]
-                W0 = Um * np.sqrt(np.maximum(Lm, 0.0))
-                W0 = W0 + rng.standard_normal((d, m)) * 1e-4 * max(np.sqrt(np.mean(W0 * W0)), 1e-2 / np.sqrt(d))
-            fun = _factorised_fun(problem, m, record)
-            x0 = W0.ravel()
-        else:
-            coords = _sym_coords(d)
-            fun = _frobenius_fun(problem, coords, record)
-            x0 = np.zeros(d * (d + 1) // 2) if S0 is None else _sym_to_vec(S0, coords)
-        x, r, n_iter, history, message = _run_lbfgs(fun, x0, problem, scale, tol, max_iter, record, times, t_start)
-        S = record["S"]
-        converged = bool(r <= max(tol, LBFGS_FLOOR) * scale)
-    S = 0.5 * (S + S.T)
+    starts = ([("S0", S0, None)] if S0 is not None else []) + [
+        (f"random{j}",) + _random_start(j, d, m, reg, method, rng) for j in range(n_starts)
+    ]
+    runs = []
+    for label, S_init, W_init in starts:
+        times: list[float] = []
+        run = _solve(problem, method, S_init, W_init, width, m, scale, tol, max_iter, rng, times, t_start)
+        runs.append(run + (np.asarray(times, dtype=np.float64),))
+    objectives = np.array([run[1] for run in runs])
+    best = int(np.argmin(objectives))  # the earliest among exact ties
+    S, objective, r, n_iter, history, converged, message, times = runs[best]
     return ERMResult(
         S=S,
-        objective=problem.objective(S),
+        objective=objective,
         n_iter=int(n_iter),
         converged=bool(converged),
         history=history,
@@ -591,5 +637,63 @@ def direct_erm(
         method=method,
         message=message,
         width=width,
-        times=np.asarray(times, dtype=np.float64),
+        times=times,
+        start_objectives=objectives,
+        start_residuals=np.array([run[2] for run in runs]) / scale,
+        start_labels=tuple(label for label, _, _ in starts),
+        best_start=best,
     )
+
+
+def _random_start(j, d, m, reg, method, rng):
+    """Random start ``j`` as ``(S_init, W_init)`` (one of them None); see the module docstring.
+
+    ``j = 0`` reproduces the single-run default (nuclear L-BFGS: ``W`` with entries of variance
+    ``1e-2/d``; otherwise ``S = 0``, no draw).  ``j >= 1``: nuclear ``W`` (d, m) with entries of
+    variance ``t/m`` (``Tr(S)/d ~ t``), frobenius a symmetric Gaussian ``S`` with
+    ``Tr(S^2)/d ~ t^2``, ``t = RANDOM_START_SCALES[(j - 1) % 4]``.
+    """
+    if j == 0:
+        if reg == "nuclear" and method == "lbfgs":
+            return None, rng.standard_normal((d, m)) * np.sqrt(1e-2 / d)
+        return np.zeros((d, d)), None
+    t = RANDOM_START_SCALES[(j - 1) % len(RANDOM_START_SCALES)]
+    if reg == "nuclear":
+        W = rng.standard_normal((d, m)) * np.sqrt(t / m)
+        if method == "lbfgs":
+            return None, W
+        S = W @ W.T
+        return 0.5 * (S + S.T), None
+    G = rng.standard_normal((d, d))
+    return (G + G.T) * (t / np.sqrt(2.0 * d)), None
+
+
+def _solve(problem, method, S_init, W_init, width, m, scale, tol, max_iter, rng, times, t_start):
+    """One solver run from ``S_init`` (or, nuclear L-BFGS only, the factor ``W_init``).
+
+    Returns ``(S, objective, residual, n_iter, history, converged, message)``."""
+    d, reg = problem.d, problem.reg
+    if method == "prox":
+        S, n_iter, history, converged, message = _run_fista(problem, S_init, width, scale, tol, max_iter,
+                                                            times, t_start)
+        r = problem.residual(S)
+    else:
+        record: dict = {}
+        if reg == "nuclear":
+            if W_init is None:
+                L, U = np.linalg.eigh(S_init)
+                Lm, Um = L[::-1][:m], U[:, ::-1][:, :m]
+                W_init = Um * np.sqrt(np.maximum(Lm, 0.0))
+                W_init = W_init + rng.standard_normal((d, m)) * 1e-4 * max(
+                    np.sqrt(np.mean(W_init * W_init)), 1e-2 / np.sqrt(d))
+            fun = _factorised_fun(problem, m, record)
+            x0 = W_init.ravel()
+        else:
+            coords = _sym_coords(d)
+            fun = _frobenius_fun(problem, coords, record)
+            x0 = _sym_to_vec(S_init, coords)
+        x, r, n_iter, history, message = _run_lbfgs(fun, x0, problem, scale, tol, max_iter, record, times, t_start)
+        S = record["S"]
+        converged = bool(r <= max(tol, LBFGS_FLOOR) * scale)
+    S = 0.5 * (S + S.T)
+    return S, problem.objective(S), float(r), int(n_iter), history, bool(converged), message

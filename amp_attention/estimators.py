@@ -96,8 +96,10 @@ class ERMAttention(GAMPEstimator):
     Minimises ``sum_mu loss(y_mu, h(S; X_mu)) + reg(S)`` with ``loss`` in {'square',
     'cross_entropy'} (cross-entropy at inverse temperature ``beta``) and ``reg`` in
     {'nuclear' (``lam d Tr S``, S PSD, i.e. weight decay on ``S = W W^T`` of width ``width``),
-    'frobenius' (``lam d / 2 ||S||_F^2``)}.  ``variance``, ``max_iter``, ``tol``, ``damping`` as in
-    :func:`amp_attention.amp.gamp`.  GAMP starts from ``S = 0`` and is deterministic (no random
+    'frobenius' (``lam d / 2 ||S||_F^2``)}.  ``variance``, ``max_iter``, ``tol``, ``damping``
+    (``'auto'``: adaptive, the default; a float; or a schedule) as in :func:`amp_attention.amp.gamp`.
+    A fit that stops at ``max_iter`` without converging warns
+    (:class:`sklearn.exceptions.ConvergenceWarning`) and sets ``converged_ = False``.  GAMP starts from ``S = 0`` and is deterministic (no random
     state).
 
     Fitted attributes: ``S_`` (d, d), ``V_``, ``n_iter_``, ``converged_``, ``diverged_``,
@@ -110,7 +112,7 @@ class ERMAttention(GAMPEstimator):
     """
 
     def __init__(self, loss="cross_entropy", reg="nuclear", lam=0.01, beta=1.0, width=None,
-                 variance="sample", max_iter=200, tol=1e-8, damping=0.0):
+                 variance="sample", max_iter=200, tol=1e-8, damping="auto"):
         self.loss = loss
         self.reg = reg
         self.lam = lam
@@ -140,7 +142,7 @@ class ERMAttention(GAMPEstimator):
             S_star = check_symmetric(S_star, "S_star", d=X.shape[2])
         if channel is not None and S_star is None:
             raise ValueError("recording the SE prediction (channel=...) needs S_star")
-        res = gamp(X, y, output, denoiser, variance=self.variance, damping=float(self.damping),
+        res = gamp(X, y, output, denoiser, variance=self.variance, damping=self.damping,
                    max_iter=int(self.max_iter), tol=float(self.tol), S_star=S_star, callback=callback)
         self._store(res, X.shape[2])
         self.output_, self.denoiser_ = output, denoiser
@@ -151,9 +153,10 @@ class ERMAttention(GAMPEstimator):
     def _record_se(self, X, S_star, channel):
         n, T, d = X.shape
         law = SpectralLaw.atoms(np.linalg.eigvalsh(S_star))
+        # the SE replays GAMP's damping schedule, so the two compare iteration by iteration
+        schedule = tuple(self.history_["damping"]) or 0.0
         se = state_evolution(n / d**2, T, law, channel, self.loss, self.reg, self.lam, self.beta,
-                             max_iter=max(self.n_iter_, 1), tol=0.0, damping=float(self.damping),
-                             predictions=False)
+                             max_iter=max(self.n_iter_, 1), tol=0.0, damping=schedule, predictions=False)
         for key in ("mse", "m", "q"):
             self.history_[f"se_{key}"] = se.history[key][: self.n_iter_]
         self.se_result_ = se
@@ -194,7 +197,7 @@ class BayesAttention(GAMPEstimator):
     per-sample ``||y - predict(X)||_F^2``.
     """
 
-    def __init__(self, channel, teacher_spectrum, variance="sample", max_iter=200, tol=1e-8, damping=0.0):
+    def __init__(self, channel, teacher_spectrum, variance="sample", max_iter=200, tol=1e-8, damping="auto"):
         self.channel = channel
         self.teacher_spectrum = teacher_spectrum
         self.variance = variance
@@ -227,7 +230,7 @@ class BayesAttention(GAMPEstimator):
                 return True
             return bool(callback(t, S, hist)) if callback is not None else False
 
-        res = gamp(X, y, output, denoiser, variance=self.variance, damping=float(self.damping),
+        res = gamp(X, y, output, denoiser, variance=self.variance, damping=self.damping,
                    max_iter=int(self.max_iter), tol=float(self.tol), S_star=S_star, callback=guard, V0=Q)
         if blowup:
             t, V = blowup[0]

@@ -19,8 +19,10 @@ calling the same two factors:
   override them.
 
 The output sample (the object passed to :meth:`OutputFactor.se_conjugates`) is built by the SE
-(:class:`amp_attention.se.OutputSample`): it exposes ``alpha``, ``K``, ``Q``, ``y``, ``z_star``,
-``omega(m, q)`` and per-draw ``weights`` (None for plain means).
+(:class:`amp_attention.output_sample.OutputSample`): it exposes ``alpha``, ``K``, ``Q``, ``y``,
+``z_star``, ``omega(m, q)``, per-node ``weights`` and a weighted ``mean``/``error``, and a
+``view(factor)`` that integrates in the dimensions the factor really depends on (quasi-Monte Carlo
+by default, seed-independent; ``'mc'`` is plain Monte Carlo).
 """
 
 from __future__ import annotations
@@ -79,6 +81,15 @@ class OutputFactor:
     """
 
     name = "output"
+    #: ``g``, ``Tr dg`` and the per-sample value are invariant to ``omega -> omega + c u`` at scalar
+    #: ``V`` and ``g . u = 0`` whenever the rows of ``y`` sum to one (softmax-based factors): the SE
+    #: output side may then integrate in the complement of the flat direction ``u``.
+    flat_invariant = False
+    #: ``g = g_out(y, omega, V)`` is Lipschitz in ``omega`` with ``dg = -dg/domega`` (convex losses,
+    #: Bayes outputs), so Stein's lemma ``E[g . xi] = -r E[Tr dg]`` holds pointwise.  A loss whose
+    #: prox can jump between minimisers (non-convex) leaves it False: the SE then computes
+    #: ``A_hat`` by Stein's identity on ``g`` itself, which stays right across the jumps.
+    smooth_g_out = False
 
     def g_out(self, y, omega, V, p0=None, jacobian="full"):  # pragma: no cover - abstract
         raise NotImplementedError
@@ -91,6 +102,23 @@ class OutputFactor:
 
     def check_T(self, T: int) -> None:
         """Raise ``ValueError`` if this factor cannot be used with ``T`` tokens (default: any T)."""
+
+    def se_start(self, z_star):
+        """The SE's prox start given the teacher's ``z*`` per node: None (the factor's own rule)
+        unless a loss offers a start convention (the softmax-square loss's ``prox_start``)."""
+        return None
+
+    def _se_prox(self, y, omega, V, p0, z_star):
+        start = self.se_start(z_star)
+        if start is None:
+            return self.prox(y, omega, V, p0=p0)[0]
+        return self.prox(y, omega, V, start=start)[0]
+
+    def _se_g_out(self, y, omega, V, p0, z_star):
+        start = self.se_start(z_star)
+        if start is None:
+            return self.g_out(y, omega, V, p0=p0, jacobian="trace")
+        return self.g_out(y, omega, V, jacobian="trace", start=start)
 
     def g_out_gram(self, y, omega, v: float, gram, p0=None):
         """``g_out`` at GAMP's ``V_mu = v Gamma_mu`` (``gram`` a :class:`~amp_attention.variance.GramVariance`):
@@ -110,30 +138,79 @@ class OutputFactor:
             m_hat = alpha E[g . (z* - (m/q) omega)] / (Q* - m^2/q)      (q = 0: alpha E[g . z*] / Q*)
 
         with ``g = g_out(y, omega, V)`` (scalar V: ``Gamma -> I``), warm-started at the previous
-        call's prox point (kept on the sample).  ``stderr`` holds the Monte Carlo standard errors.
+        call's prox point (kept on the sample's view).  ``stderr`` holds the rule's error estimates.
+
+        Rule ``'mc'`` (:class:`~amp_attention.output_sample.OutputSample`): the historical plain
+        Monte Carlo means and standard errors, bit for bit.  Other rules: weighted means over the
+        nodes of ``sample.view(self)`` (the flat direction dropped when it is exact, the channel
+        noise integrated out by conditioning), and, when ``g`` is Lipschitz in ``omega``
+        (:func:`~amp_attention.output_sample.has_smooth_g_out`), ``m_hat`` in the equivalent form
+        ``alpha (E[g . z*] + m E Tr dg) / Q*`` (Stein's lemma on the part of ``omega`` independent
+        of ``z*``), which has no ``1/(Q* - m^2/q)`` amplification as ``m^2 -> q Q*``.
         """
         alpha, Q = sample.alpha, sample.Q
-        omega = sample.omega(m, q)
-        g, dg, info = self.g_out(sample.y, omega, float(V), p0=sample.warm_start, jacobian="trace")
-        sample.warm_start = info.get("p")
+        if getattr(sample, "method", "mc") == "mc":  # the historical estimator
+            omega = sample.omega(m, q)
+            g, dg, info = self._se_g_out(sample.y, omega, float(V), sample.warm_start, sample.z_star)
+            sample.warm_start = info.get("p")
+            tr = dg if dg.ndim == 1 else np.trace(dg, axis1=1, axis2=2)
+            gg = np.sum(g * g, axis=1)
+            if q > 0:
+                resid = sample.z_star - (m / q) * omega
+                denom = Q - m * m / q
+            else:
+                resid, denom = sample.z_star, Q
+            gz = np.sum(g * resid, axis=1) / denom
+            sq = math.sqrt(sample.n_mc)
+            A_hat, q_hat, m_hat = alpha * tr.mean(), alpha * gg.mean(), alpha * gz.mean()
+            stderr = {"A_hat": alpha * tr.std() / sq, "m_hat": alpha * gz.std() / sq, "q_hat": alpha * gg.std() / sq}
+            return Conjugates(float(A_hat), float(m_hat), float(q_hat), stderr)
+        view = sample.view(self)
+        omega = view.omega(m, q)
+        g, dg, info = self._se_g_out(view.y, omega, float(V), view.warm_start,
+                                     view.z_star_mean(m, q, omega))
+        view.warm_start = sample.warm_start = info.get("p")
         tr = dg if dg.ndim == 1 else np.trace(dg, axis1=1, axis2=2)
+        r2 = q - m * m / view.Qz  # variance of the part of omega independent of the labels
+        if not self.smooth_g_out and r2 > 1e-12 * max(q, 1e-300):
+            # Stein's identity on g: E Tr(-dg/domega) = -E[g . xi_2] / sqrt(r2), which counts the
+            # jumps of a discontinuous g (a global minimiser switching branch) that the pointwise
+            # Jacobian misses
+            tr = -np.sum(g * view.xi2, axis=1) / math.sqrt(r2)
         gg = np.sum(g * g, axis=1)
-        if q > 0:
-            resid = sample.z_star - (m / q) * omega
-            denom = Q - m * m / q
+        zs = view.z_star_mean(m, q, omega)           # E[z* | channel input, omega]
+        if self.smooth_g_out:
+            gz = (np.sum(g * zs, axis=1) + m * tr) / Q
+        elif q > 0:
+            gz = np.sum(g * (zs - (m / q) * omega), axis=1) / (Q - m * m / q)
         else:
-            resid, denom = sample.z_star, Q
-        gz = np.sum(g * resid, axis=1) / denom
-        sq = math.sqrt(sample.n_mc)
-        A_hat, q_hat, m_hat = alpha * tr.mean(), alpha * gg.mean(), alpha * gz.mean()
-        stderr = {"A_hat": alpha * tr.std() / sq, "m_hat": alpha * gz.std() / sq, "q_hat": alpha * gg.std() / sq}
+            gz = np.sum(g * zs, axis=1) / Q
+        vals = np.stack([tr, gz, gg], axis=1)
+        (A_hat, m_hat, q_hat), err = alpha * view.mean(vals), alpha * view.error(vals)
+        stderr = {"A_hat": float(err[0]), "m_hat": float(err[1]), "q_hat": float(err[2])}
         return Conjugates(float(A_hat), float(m_hat), float(q_hat), stderr)
 
     def se_train_loss(self, sample, m: float, q: float, V: float) -> float:
-        """Predicted mean per-sample training loss ``E l_y(prox(omega; V))`` (docs/theory.md §7)."""
-        omega = sample.omega(m, q)
-        p, _ = self.prox(sample.y, omega, float(V))
-        return float(np.mean(self.value_z(sample.y, p)))
+        """Predicted mean per-sample training loss ``E l_y(prox(omega; V))`` (docs/theory.md §7),
+        averaged with the sample's rule (rule ``'mc'``: the historical plain mean).  At ``V = 0``
+        (a locally constant denoiser, e.g. ``S = 0``) the prox is ``omega`` itself."""
+        if getattr(sample, "method", "mc") == "mc":
+            omega = sample.omega(m, q)
+            p = self._se_prox(sample.y, omega, float(V), None, sample.z_star) if V > 0 else omega
+            return float(np.mean(self.value_z(sample.y, p)))
+        view = sample.view(self)
+        omega = view.omega(m, q)
+        p0 = view.warm_start if view.warm_start is not None and view.warm_start.shape == omega.shape else None
+        p = self._se_prox(view.y, omega, float(V), p0, view.z_star_mean(m, q, omega)) if V > 0 else omega
+        return float(view.mean(self.value_z(view.y, p)))
+
+    def se_loss_floor(self, sample) -> float:
+        """``E min_z l_y(z)`` over the sample's labels, averaged by the same rule as
+        :meth:`se_train_loss` (the floor of the interpolation threshold's excess training loss)."""
+        if getattr(sample, "method", "mc") == "mc":
+            return float(np.mean(self.min_value(sample.y)))
+        view = sample.view(self)
+        return float(view.mean(self.min_value(view.y)))
 
 
 # --------------------------------------------------------------------------------------------
@@ -200,6 +277,11 @@ class InputFactor:
     def se_overlaps(self, law, a: float, Delta: float, A_hat: float) -> Overlaps:
         """``d -> infinity`` overlaps for ``R = a S* + sqrt(Delta) W`` (docs/theory.md §7, free)."""
         return Overlaps(*free_input_side(law, a, Delta, self.scalar_map(A_hat), A_hat))
+
+    def se_penalty(self, law, a: float, Delta: float, A_hat: float, overlaps: Overlaps) -> float:
+        """``reg(S_hat) / d^2`` at the SE fixed point (d -> infinity), for the predicted training
+        objective ``(sum_mu loss + reg) / d^2``; NaN when the factor has no penalty."""
+        return float("nan")
 
     def se_overlaps_finite(self, eigenvalues, a: float, Delta: float, A_hat: float,
                            n_draws: int = 4, rng=None, return_stderr: bool = False):

@@ -4,21 +4,42 @@ A loop body computes the next state from the current one; the scaffold owns ever
 (docs/theory.md §5, §7):
 
 * argument checks (``max_iter``, ``tol``, ``damping``, ``callback``), with errors naming them;
-* damping: ``new <- (1 - damping) new + damping old`` (:meth:`Loop.mix`), which never moves a
-  fixed point;
-* the per-iteration history (a dict of lists, returned as float arrays);
+* damping (:meth:`Loop.update`): ``new <- (1 - delta_t) new + delta_t old``, which never moves a
+  fixed point.  ``damping`` is a float (fixed ``delta``), ``'auto'`` (adaptive, below) or a
+  sequence (a schedule replayed step by step, e.g. another run's ``history['damping']``: the SE
+  replays GAMP's schedule so that the two stay comparable iteration by iteration);
+* the per-iteration history (a dict of lists, returned as float arrays), which always includes
+  ``damping`` (the ``delta_t`` used at iteration t);
 * the stop rule: converged when the loop's change measure falls below ``tol`` (``tol = 0`` runs
   exactly ``max_iter`` iterations), stopped by the user's callback (returning True), or
-  ``max_iter`` reached;
+  ``max_iter`` reached, which emits a :class:`sklearn.exceptions.ConvergenceWarning` when
+  ``tol > 0``;
 * the divergence flag: a loop that meets a non-finite or out-of-domain quantity calls
   :meth:`Loop.diverge` and keeps its last finite state.
+
+Adaptive damping (``damping='auto'``), in the manner of adaptive-damping GAMP: the loop runs
+undamped (``delta = 0``, step size ``theta = 1 - delta = 1``) while the iteration contracts, and
+watches the raw updates ``u_t = new_t - old_t`` (before mixing), through
+``cos = cos(u_t, u_{t-1})`` and ``ratio = |u_t| / |u_{t-1}|``.  When the updates reverse without
+shrinking (``cos < -0.2`` and ``ratio > 0.9``: the map overshoots, as in a period-2 cycle) or grow
+while turning (``ratio > 1.05`` and ``cos < 0.5``), the step size is halved (down to
+``theta_min = 1/64``); while they shrink without reversing, it grows back by 10% per iteration up
+to 1.  A contracting iteration therefore stays undamped even when its first updates overshoot, and
+growth along a steady direction (an iteration leaving a plateau) is left alone: damping cannot
+cure a monotone instability and would only slow the escape.  A step size stuck at ``theta_min``
+for 25 iterations (chatter across a discontinuity of the map, e.g. a non-convex prox switching
+branch) restarts undamped.  For a linearised map with eigenvalue ``lambda`` the damped factor is
+``1 + theta (lambda - 1)``: any ``lambda < 1`` contracts for a small enough ``theta``, so cycles
+(``lambda = -1``) and overshooting divergences (``lambda < -1``) are cured, and the fixed point is
+unchanged.  A loop can also ask for a smaller step after a failed evaluation
+(:meth:`Loop.backtrack`).
 
 Usage::
 
     loop = Loop(KEYS, max_iter=..., tol=..., damping=..., callback=..., unit="iteration")
     for t in loop:
         ...                                   # compute new from old
-        new = loop.mix(new, old)
+        new = loop.update(new, old)           # a tuple of arrays/floats, mixed component-wise
         if not finite:
             loop.diverge(f"iteration {t}: ..."); break
         loop.record(key=value, ...)
@@ -29,13 +50,19 @@ Usage::
 
 from __future__ import annotations
 
+import math
 import numbers
+import warnings
 
 import numpy as np
+from sklearn.exceptions import ConvergenceWarning
 
 from ._validation import check_nonnegative
 
-__all__ = ["Loop", "check_max_iter", "check_damping", "check_callback"]
+__all__ = ["Loop", "ConvergenceWarning", "check_max_iter", "check_damping", "check_callback"]
+
+THETA_MIN = 1.0 / 64.0
+RESTART_AFTER = 25  # iterations at THETA_MIN before an undamped restart
 
 
 def check_max_iter(max_iter, name: str = "max_iter") -> int:
@@ -44,11 +71,26 @@ def check_max_iter(max_iter, name: str = "max_iter") -> int:
     return int(max_iter)
 
 
-def check_damping(damping, name: str = "damping") -> float:
-    d = check_nonnegative(damping, name)
+def _check_damping_value(value, name):
+    d = check_nonnegative(value, name)
     if d >= 1:
-        raise ValueError(f"{name} must be in [0, 1), got {damping!r}")
+        raise ValueError(f"{name} must be in [0, 1), got {value!r}")
     return d
+
+
+def check_damping(damping, name: str = "damping"):
+    """``'auto'``, a float in [0, 1), or a non-empty sequence of such floats (a schedule)."""
+    if isinstance(damping, str):
+        if damping != "auto":
+            raise ValueError(f"{name} must be 'auto', a number in [0, 1) or a sequence of them, got {damping!r}")
+        return "auto"
+    if isinstance(damping, (list, tuple, np.ndarray)):
+        vals = [_check_damping_value(float(v) if isinstance(v, np.floating) else v, name)
+                for v in np.asarray(damping, dtype=object).ravel()]
+        if not vals:
+            raise ValueError(f"{name} must not be an empty sequence")
+        return tuple(vals)
+    return _check_damping_value(damping, name)
 
 
 def check_callback(callback, name: str = "callback"):
@@ -57,14 +99,20 @@ def check_callback(callback, name: str = "callback"):
     return callback
 
 
+def _flat(state):
+    return np.concatenate([np.ravel(np.asarray(s, dtype=np.float64)) for s in state])
+
+
 class Loop:
     """Iteration scaffold: history, damping, stop rule, callback and divergence flag.
 
     Parameters
     ----------
-    keys : names of the per-iteration history entries (each :meth:`record` must give all of them).
+    keys : names of the per-iteration history entries (each :meth:`record` must give all of them;
+        ``damping`` is added by the loop).
     max_iter : integer >= 1.   tol : >= 0 (0: run exactly ``max_iter`` iterations).
-    damping : in [0, 1).   callback : None or a callable; its return value True stops the loop.
+    damping : ``'auto'``, a float in [0, 1) or a sequence of them (see the module docstring).
+    callback : None or a callable; its return value True stops the loop.
     unit : the word used in messages ("iteration" for GAMP, "step" for the SE).
     """
 
@@ -75,12 +123,18 @@ class Loop:
         self.callback = check_callback(callback)
         self.unit = unit
         self.history = {k: [] for k in keys}
+        self.history["damping"] = []
         self.n_iter = 0
         self.converged = False
         self.diverged = False
         self.message = f"reached max_iter={self.max_iter}"
         self._t = -1
         self._stopped = False
+        self._by_callback = False
+        self.theta = 1.0 if self.damping == "auto" else None  # adaptive step size
+        self._prev_update = None
+        self._at_floor = 0
+        self.last_damping = 0.0
 
     def __iter__(self):
         for t in range(self.max_iter):
@@ -89,11 +143,63 @@ class Loop:
             self._t = t
             yield t
 
-    def mix(self, new, old):
-        """Damped update ``(1 - damping) new + damping old`` (identity when ``damping = 0``)."""
-        if self.damping == 0.0:
+    def current_damping(self) -> float:
+        """``delta_t`` for the current iteration."""
+        if self.damping == "auto":
+            return 1.0 - self.theta
+        if isinstance(self.damping, tuple):
+            return self.damping[min(self._t, len(self.damping) - 1)] if self._t >= 0 else self.damping[0]
+        return self.damping
+
+    def _adapt(self, update: np.ndarray) -> None:
+        prev = self._prev_update
+        self._prev_update = update
+        if prev is None:
+            return
+        nu, npv = float(np.linalg.norm(update)), float(np.linalg.norm(prev))
+        if not (math.isfinite(nu) and math.isfinite(npv)) or npv == 0.0 or nu == 0.0:
+            return
+        cos, ratio = float(np.dot(update, prev)) / (nu * npv), nu / npv
+        oscillating = cos < -0.2 and ratio > 0.9   # updates reverse without shrinking (a cycle)
+        growing = ratio > 1.05 and cos < 0.5       # updates grow while turning
+        if oscillating or growing:
+            self.theta = max(THETA_MIN, 0.5 * self.theta)
+        elif ratio < 1.0 and cos > -0.2:
+            self.theta = min(1.0, 1.1 * self.theta)
+        # a step size stuck at its floor (chatter across a discontinuity of the map, where no
+        # damping helps) restarts undamped
+        self._at_floor = self._at_floor + 1 if self.theta == THETA_MIN else 0
+        if self._at_floor >= RESTART_AFTER:
+            self.theta, self._at_floor = 1.0, 0
+
+    def update(self, new, old):
+        """Damped update of a state tuple ``(1 - delta_t) new + delta_t old``, component-wise.
+
+        With ``damping='auto'`` the raw update ``new - old`` first adapts ``delta_t``.  Returns a
+        tuple of the mixed components (the same types as given).
+        """
+        new, old = tuple(new), tuple(old)
+        if self.damping == "auto":
+            with np.errstate(all="ignore"):
+                self._adapt(_flat(new) - _flat(old))
+        d = self.current_damping()
+        self.last_damping = d
+        if d == 0.0:
             return new
-        return (1.0 - self.damping) * new + self.damping * old
+        return tuple((1.0 - d) * n + d * o for n, o in zip(new, old))
+
+    def mix(self, new, old):
+        """Damped update of one component (fixed or scheduled damping)."""
+        return self.update((new,), (old,))[0]
+
+    def backtrack(self) -> bool:
+        """After a failed evaluation, ask for a smaller step from the previous state (``'auto'``
+        only): quarter the step size; False when it cannot shrink further."""
+        if self.damping != "auto" or self.theta <= THETA_MIN:
+            return False
+        self.theta = max(THETA_MIN, 0.25 * self.theta)
+        self._prev_update = None
+        return True
 
     def diverge(self, message: str) -> None:
         """Flag divergence (the caller keeps its last finite state and breaks)."""
@@ -110,13 +216,14 @@ class Loop:
         """Append one iteration's values and count the iteration."""
         for k, v in values.items():
             self.history[k].append(v)
+        self.history["damping"].append(self.last_damping)
         self.n_iter = self._t + 1
 
     def finished(self, change: float, callback_args=()) -> bool:
         """Apply the callback and the stop rule after :meth:`record`; True means break."""
         if self.callback is not None and self.callback(*callback_args):
             self.message = f"stopped by callback at {self.unit} {self._t}"
-            self._stopped = True
+            self._stopped = self._by_callback = True
             return True
         if self.tol > 0 and change < self.tol:
             self.converged = True
@@ -131,8 +238,15 @@ class Loop:
         self.message = message
         self._stopped = True
 
-    def outcome(self) -> dict:
-        """``n_iter, converged, diverged, message, history`` (history as float arrays)."""
+    def outcome(self, what: str = "the loop") -> dict:
+        """``n_iter, converged, diverged, message, history`` (history as float arrays).
+
+        Warns (:class:`ConvergenceWarning`) when ``tol > 0`` and the loop ran out of iterations.
+        """
+        if (self.tol > 0 and not (self.converged or self.diverged or self._by_callback)
+                and self.n_iter >= self.max_iter):
+            warnings.warn(f"{what} did not converge: {self.message} (tol={self.tol:g}); increase max_iter "
+                          "or loosen tol", ConvergenceWarning, stacklevel=3)
         history = {k: np.asarray(v, dtype=float) for k, v in self.history.items()}
         return {"n_iter": self.n_iter, "converged": self.converged, "diverged": self.diverged,
                 "message": self.message, "history": history}

@@ -162,55 +162,114 @@ def _check_h(h) -> np.ndarray:
 
 
 def row_softmax(h: np.ndarray, beta: float) -> np.ndarray:
-    """Row-wise ``softmax(beta * h)`` along the last axis, log-sum-exp stable for any beta > 0."""
-    s = beta * h
-    s = s - s.max(axis=-1, keepdims=True)
+    """Row-wise ``softmax(beta * h)`` along the last axis, stable for every finite ``beta > 0``.
+
+    The row maximum of ``h`` is subtracted *before* the multiplication by ``beta``:
+    ``softmax(beta (h - max h))``.  Every exponent is then ``<= 0`` (``-inf`` at worst, never
+    ``inf - inf``), so ``beta = 1e306`` or ``1.7e308`` with entries of ``h`` hundreds apart gives
+    the one-hot argmax row instead of NaN.
+    """
+    h = np.asarray(h, dtype=np.float64)
+    with np.errstate(over="ignore"):  # beta (h - max h) may overflow to -inf: exp gives 0, exactly
+        s = beta * (h - h.max(axis=-1, keepdims=True))
     e = np.exp(s)
     return e / e.sum(axis=-1, keepdims=True)
 
 
+def _whitened_noise(rng, n: int, T: int) -> np.ndarray:
+    """Symmetric ``(n, T, T)`` noise ``xi`` with ``whiten(xi)`` iid standard normal: off-diagonal
+    variance 1, diagonal variance 2 (one draw ``rng.standard_normal((n, K))``).  Shared by every
+    noisy channel, so that ``noise`` means the same thing for all of them."""
+    return unwhiten(rng.standard_normal((n, n_pairs(T))), T)
+
+
+def _noisy(h: np.ndarray, noise: float, rng) -> np.ndarray:
+    """``h + sqrt(noise) xi`` (``xi`` from :func:`_whitened_noise`); ``h`` itself when
+    ``noise == 0`` (no random number is drawn)."""
+    if noise == 0.0:
+        return h
+    rng = check_rng(rng)
+    n, T, _ = h.shape
+    return h + np.sqrt(noise) * _whitened_noise(rng, n, T)
+
+
+_NOISE_DOC = """
+    ``noise >= 0`` is the variance of the noise added to the preactivations before the nonlinearity,
+    per *whitened* component: ``xi`` is symmetric with off-diagonal variance 1 and diagonal
+    variance 2 (the structure of ``h*`` itself and of :class:`LinearChannel`'s noise), so
+    ``whiten(sqrt(noise) xi)`` has iid ``N(0, noise)`` entries.  A paper that writes the noise as
+    ``Delta`` with diagonal variance ``Delta`` and off-diagonal variance ``Delta/2`` uses
+    ``noise = Delta/2``.  With ``noise = 0`` no random number is drawn.  The noise is drawn from
+    ``rng`` after the tokens (:func:`sample_data`).  :meth:`phi` is always the noiseless map."""
+
+
 @dataclass(frozen=True)
 class SoftmaxChannel:
-    """``y_a = softmax(beta * h*_a)`` row-wise (each row of ``y`` sums to 1). Needs T >= 2."""
+    """``y_a = softmax_b(beta (h*_ab + sqrt(noise) xi_ab))`` row-wise (each row of ``y`` sums to 1).
+    Needs T >= 2 (docs/theory.md §1).
+    """
 
     beta: float = 1.0
+    noise: float = 0.0
 
     def __post_init__(self):
         check_positive(self.beta, "beta")
+        check_nonnegative(self.noise, "noise")
 
     def __call__(self, h, rng=None) -> np.ndarray:
         h = _check_h(h)
         if h.shape[1] == 1:
             raise ValueError("the softmax channel needs T >= 2 tokens: with T = 1 every target is y = 1")
-        return row_softmax(h, self.beta)
+        return row_softmax(_noisy(h, self.noise, rng), self.beta)
 
     def phi(self, h) -> np.ndarray:
         """Noiseless map ``h -> softmax(beta h)`` row-wise (test errors compare ``phi(h*)`` with
-        ``phi(h_hat)``)."""
+        ``phi(h_hat)``), whatever ``noise``."""
         return row_softmax(np.asarray(h, dtype=np.float64), self.beta)
 
 
 @dataclass(frozen=True)
 class HardmaxChannel:
-    """One-hot argmax per row (``beta -> infinity``); ties go to the lowest index. Needs T >= 2."""
+    """One-hot argmax of each row of ``h* + sqrt(noise) xi`` (the ``beta -> infinity`` limit of
+    :class:`SoftmaxChannel`); ties go to the lowest index.  Needs T >= 2 (docs/theory.md §1).
+    """
+
+    noise: float = 0.0
+
+    def __post_init__(self):
+        check_nonnegative(self.noise, "noise")
 
     def __call__(self, h, rng=None) -> np.ndarray:
+        return _one_hot_argmax(_noisy(self._check(h), self.noise, rng))
+
+    def phi(self, h) -> np.ndarray:
+        """Noiseless map: the one-hot argmax rows of ``h``, whatever ``noise``."""
+        return _one_hot_argmax(self._check(h))
+
+    @staticmethod
+    def _check(h) -> np.ndarray:
         h = _check_h(h)
         if h.shape[1] == 1:
             raise ValueError("the hardmax channel needs T >= 2 tokens: with T = 1 every target is y = 1")
-        idx = np.argmax(h, axis=-1)
-        y = np.zeros_like(h)
-        np.put_along_axis(y, idx[..., None], 1.0, axis=-1)
-        return y
+        return h
 
-    def phi(self, h) -> np.ndarray:
-        """Noiseless map: the one-hot argmax rows (the channel itself)."""
-        return self(h)
+
+def _one_hot_argmax(h: np.ndarray) -> np.ndarray:
+    idx = np.argmax(h, axis=-1)
+    y = np.zeros_like(h)
+    np.put_along_axis(y, idx[..., None], 1.0, axis=-1)
+    return y
+
+
+SoftmaxChannel.__doc__ += _NOISE_DOC
+HardmaxChannel.__doc__ += _NOISE_DOC
 
 
 @dataclass(frozen=True)
 class LinearChannel:
-    """``y = h* + sqrt(noise) xi``, ``xi`` symmetric with off-diagonal variance 1, diagonal variance 2."""
+    """``y = h* + sqrt(noise) xi``, ``xi`` symmetric with off-diagonal variance 1, diagonal variance 2
+    (whitened variance ``noise``; a paper's ``Delta`` with diagonal variance ``Delta`` and
+    off-diagonal variance ``Delta/2`` is ``noise = Delta/2``).  ``noise = 0`` draws nothing."""
 
     noise: float = 0.0
 
@@ -221,10 +280,7 @@ class LinearChannel:
         h = _check_h(h)
         if self.noise == 0.0:
             return h.copy()
-        rng = check_rng(rng)
-        n, T, _ = h.shape
-        xi = unwhiten(rng.standard_normal((n, n_pairs(T))), T)
-        return h + np.sqrt(self.noise) * xi
+        return _noisy(h, self.noise, rng)
 
     def phi(self, h) -> np.ndarray:
         """Noiseless map: the identity."""

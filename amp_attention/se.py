@@ -35,6 +35,7 @@ import numpy as np
 from ._validation import check_nonnegative, check_positive, check_T
 from .bayes_outputs import bayes_output
 from .denoisers import RIEDenoiser, make_denoiser
+from .factors import Overlaps
 from .loop import Loop
 from .losses import make_loss
 from .model import Teacher, as_spectral_law, check_channel
@@ -58,8 +59,11 @@ class SEResult:
 
     ``history[key][t]`` holds the order parameters after SE step t (mirroring GAMP's iterate
     ``S^{t+1}``), the conjugates of step t, the Monte Carlo standard errors of the output side and
-    the step's wall time.  ``m, q, V, mse`` are the last values; ``test_error`` and ``train_loss``
-    are predictions at the last iterate (None if not computed).  ``diverged``: the loop met a
+    the step's wall time.  ``m, q, V, mse`` are the last values.  Predictions at the last iterate
+    (None if not computed): ``test_error = E||phi(h*) - phi(h_hat)||_F^2`` against the noiseless
+    teacher map, ``test_error_noisy = E||y - phi(h_hat)||_F^2`` against fresh labels drawn from the
+    channel (noise included), ``train_loss = E l_y(prox(omega))`` (mean per-sample loss) and
+    ``train_objective = (sum_mu loss + reg) / d^2 = alpha train_loss + reg/d^2``.  ``diverged``: the loop met a
     non-finite or out-of-domain quantity and kept the last finite state.
 
     Bayes-optimal runs also set ``perfect_recovery`` (the mse fell below ``mse_floor Q*``; the
@@ -77,7 +81,9 @@ class SEResult:
     message: str
     history: dict = field(default_factory=dict)
     test_error: float | None = None
+    test_error_noisy: float | None = None
     train_loss: float | None = None
+    train_objective: float | None = None
     a: float | None = None
     Delta: float | None = None
     A_hat: float | None = None
@@ -93,34 +99,62 @@ BayesSEResult = SEResult  # the Bayes-optimal SE returns the same result type
 
 
 def iterate_se(output, denoiser, sample, overlaps, *, init, max_iter, tol, damping, callback,
-               change, mse_floor=None):
-    """Run the SE loop; returns ``(state, last conjugates, loop)``.
+               change, mse_floor=None, what="the state evolution"):
+    """Run the SE loop; returns ``(state, last conjugates, loop outcome)``.
 
     ``overlaps(a, Delta, A_hat) -> (m, q, V)`` is the input side (free or finite, from
     ``denoiser``); ``change(old, new)`` the convergence measure compared with ``tol``;
     ``mse_floor``: stop with perfect recovery when ``mse <= mse_floor Q*`` (Bayes).
+
+    The loop never raises for a valid problem: an evaluation that fails (an exception from a
+    factor, a non-finite or out-of-domain conjugate) is retried from the previous state with a
+    smaller step when ``damping='auto'`` (:meth:`Loop.backtrack`), and otherwise stops the loop
+    with ``diverged=True`` and a message naming the step and the reason.
     """
     Q = sample.Q
-    m, q, V = init
+    state = tuple(float(v) for v in init)
     loop = Loop(SE_HISTORY_KEYS, max_iter=max_iter, tol=tol, damping=damping, callback=callback, unit="step")
     last = (None, None, None)
+    prev = None  # (previous state, its raw update target): where a backtrack restarts from
+
+    def evaluate(m, q, V, t):
+        """One SE map evaluation; returns (conjugates, raw new state) or an error message."""
+        try:
+            A_hat, m_hat, q_hat, err = output.se_conjugates(sample, m, q, V)          # steps 1-3
+            if not (np.isfinite(A_hat) and A_hat > 0 and np.isfinite(q_hat) and np.isfinite(m_hat)):
+                return f"step {t}: output side not finite (A_hat={A_hat}, m_hat={m_hat}, q_hat={q_hat})"
+            a, Delta = m_hat / A_hat, q_hat / (2 * A_hat**2)                           # step 4
+            if not Delta > 0:
+                return f"step {t}: Delta = {Delta} <= 0 (the output side carries no information)"
+            raw = tuple(float(v) for v in overlaps(a, Delta, A_hat))                   # steps 5-6
+            if not all(np.isfinite(v) for v in raw) or raw[1] < 0 or raw[2] < 0:
+                return f"step {t}: order parameters out of domain (m, q, V) = {raw}"
+        except (ValueError, ArithmeticError, np.linalg.LinAlgError) as exc:
+            return f"step {t}: {type(exc).__name__}: {exc}"
+        return (A_hat, m_hat, q_hat, err, a, Delta), raw
+
     for t in loop:
         t0 = time.perf_counter()
-        A_hat, m_hat, q_hat, err = output.se_conjugates(sample, m, q, V)     # steps 1-3
-        if not (np.isfinite(A_hat) and A_hat > 0 and np.isfinite(q_hat) and np.isfinite(m_hat)):
-            loop.diverge(f"step {t}: output side not finite (A_hat={A_hat}, m_hat={m_hat}, q_hat={q_hat})")
+        res = evaluate(*state, t)
+        recorded = state  # the last state in the history
+        while isinstance(res, str) and prev is not None and loop.backtrack():
+            old, raw_old = prev          # retry the last update with a quarter of the step
+            state = tuple((1 - loop.current_damping()) * r + loop.current_damping() * o
+                          for r, o in zip(raw_old, old))
+            res = evaluate(*state, t)
+        if isinstance(res, str):
+            loop.diverge(res + "; kept the last recorded state")
+            state = recorded
             break
-        a, Delta = m_hat / A_hat, q_hat / (2 * A_hat**2)                      # step 4
-        if Delta <= 0:
-            loop.stop(f"step {t}: Delta = {Delta} <= 0 (the output side carries no information)")
-            break
-        m_new, q_new, V_new = overlaps(a, Delta, A_hat)                      # steps 5-6
-        m_new, q_new, V_new = loop.mix(m_new, m), loop.mix(q_new, q), loop.mix(V_new, V)
-        if not all(np.isfinite(v) for v in (m_new, q_new, V_new)):
+        (A_hat, m_hat, q_hat, err, a, Delta), raw = res
+        new = loop.update(raw, state)
+        if not all(np.isfinite(v) for v in new):
             loop.diverge(f"step {t}: non-finite order parameters; kept the last finite ones")
             break
-        delta = change((m, q, V), (m_new, q_new, V_new))
-        m, q, V = float(m_new), float(q_new), float(V_new)
+        delta = change(state, new)
+        prev = (state, raw)
+        state = tuple(float(v) for v in new)
+        m, q, V = state
         last = (A_hat, a, Delta)
         mse = Q - 2 * m + q
         loop.record(m=m, q=q, V=V, mse=mse, A_hat=A_hat, m_hat=m_hat, q_hat=q_hat, a=a, Delta=Delta,
@@ -131,7 +165,7 @@ def iterate_se(output, denoiser, sample, overlaps, *, init, max_iter, tol, dampi
             break
         if loop.finished(delta, callback_args=(t, loop.history)):
             break
-    return (m, q, V), last, loop
+    return state, last, loop.outcome(what)
 
 
 def _erm_change(old, new):
@@ -160,8 +194,8 @@ def _input_overlaps(denoiser, law, input_side, eigenvalues, n_draws, seed):
 
 def state_evolution(alpha, T, teacher, channel, loss="cross_entropy", reg="nuclear", lam=0.05,
                     beta=None, *, spectrum="exact", input_side="free", n_mc=100_000, n_draws=4,
-                    max_iter=200, tol=1e-8, damping=0.0, seed=0, predictions=True,
-                    callback=None, init=None) -> SEResult:
+                    max_iter=200, tol=1e-8, damping="auto", seed=0, predictions=True,
+                    callback=None, init=None, output_rule="auto", prox_start="global") -> SEResult:
     """Run the ERM state evolution from ``m = q = 0, V = 1`` (docs/theory.md §7).
 
     Parameters
@@ -172,9 +206,20 @@ def state_evolution(alpha, T, teacher, channel, loss="cross_entropy", reg="nucle
     channel : SoftmaxChannel / HardmaxChannel / LinearChannel (makes y from z*).
     loss, reg, lam, beta : the ERM of §4 (beta defaults to the softmax channel's).
     input_side : ``'free'`` or ``'finite'`` (needs a Teacher).
-    n_mc : Monte Carlo draws of the output side (losses without a closed form).
+    n_mc : node budget of the output side's Gaussian averages (losses without a closed form).
+    output_rule : how the output side averages (:class:`~amp_attention.output_sample.OutputSample`):
+        ``'auto'`` (= ``'qmc'``: scrambled Sobol points with a fixed internal seed, in the
+        dimensions the factor depends on; deterministic and independent of ``seed``), ``'mc'``
+        (plain Monte Carlo with ``seed``, the historical rule) or ``'gauss_hermite'``.
+    seed : seeds the ``'mc'`` rule and the finite-d input side's GOE draws.
+    prox_start : non-convex losses (``'softmax_square'``) only: ``'global'`` (default; the SE uses
+        the global minimiser of the prox, as GAMP does) or ``'teacher'`` (the local minimiser
+        reached from the teacher's ``z*``, the convention of a published SE: the two agree before
+        the interpolation peak and can differ after it at small lam).
     tol : stop when ``max(|dm|, |dq|, |dV|) < tol * max(1, |m|, |q|, |V|)``; ``tol = 0`` runs max_iter.
-    damping : ``m, q, V <- (1 - damping) new + damping old``.
+    damping : ``'auto'`` (adaptive, see :mod:`amp_attention.loop`), a fixed ``0 <= damping < 1``
+        (``m, q, V <- (1 - damping) new + damping old``) or a schedule (e.g. GAMP's
+        ``history['damping']``, to compare the two iteration by iteration).
     callback : optional ``callback(t, history)``; returning True stops.
     init : optional starting ``(m, q, V)`` (default ``(0, 0, 1)``, GAMP's ``S^0 = 0, V^0 = 1``); a
         neighbouring fixed point speeds up curves in alpha.
@@ -185,27 +230,36 @@ def state_evolution(alpha, T, teacher, channel, loss="cross_entropy", reg="nucle
     beta = _channel_beta(channel, beta)
     output = make_loss(loss, beta)
     output.check_T(T)
+    if prox_start != "global":
+        if not hasattr(output, "prox_start"):
+            raise ValueError(f"prox_start applies to non-convex losses ('softmax_square'), not loss={loss!r}")
+        output = make_loss(loss, beta, prox_start=prox_start)
     denoiser = make_denoiser(reg, lam)
     denoiser.check_se()
     law = as_spectral_law(teacher, spectrum)
     eig = teacher.eigenvalues if isinstance(teacher, Teacher) else None
     Q = law.Q
-    sample = OutputSample(alpha, T, Q, channel, n_mc=n_mc, seed=seed)
+    sample = OutputSample(alpha, T, Q, channel, n_mc=n_mc, seed=seed, method=output_rule)
     overlaps = _input_overlaps(denoiser, law, input_side, eig, n_draws, seed)
     m, q, V = (0.0, 0.0, 1.0) if init is None else (float(v) for v in init)
     if not (q >= 0 and V > 0 and m * m <= q * Q * (1 + 1e-9)):
         raise ValueError(f"init must satisfy q >= 0, V > 0, m^2 <= q Q*, got {(m, q, V)}")
-    (m, q, V), (A_hat, a, Delta), loop = iterate_se(
+    (m, q, V), (A_hat, a, Delta), outcome = iterate_se(
         output, denoiser, sample, overlaps, init=(m, q, V), max_iter=max_iter, tol=tol,
-        damping=damping, callback=callback, change=_erm_change)
-    test_error = train_loss = None
-    if predictions and loop.n_iter:
+        damping=damping, callback=callback, change=_erm_change, what="the ERM state evolution")
+    test_error = test_error_noisy = train_loss = train_objective = None
+    if predictions and outcome["n_iter"]:
         test_error = sample.test_error(m, q)
+        test_error_noisy = sample.test_error_noisy(m, q)
         train_loss = output.se_train_loss(sample, m, q, V)
+        penalty = denoiser.se_penalty(law, a, Delta, A_hat, Overlaps(m, q, V))
+        train_objective = alpha * train_loss + penalty
     params = {"alpha": alpha, "T": T, "loss": loss, "reg": reg, "lam": lam, "beta": beta,
-              "spectrum": spectrum, "input_side": input_side, "n_mc": n_mc, "law": repr(law)}
-    return SEResult(m=m, q=q, V=V, mse=Q - 2 * m + q, Q=Q, test_error=test_error, train_loss=train_loss,
-                    a=a, Delta=Delta, A_hat=A_hat, params=params, **loop.outcome())
+              "spectrum": spectrum, "input_side": input_side, "n_mc": n_mc, "output_rule": output_rule,
+              "prox_start": prox_start, "law": repr(law)}
+    return SEResult(m=m, q=q, V=V, mse=Q - 2 * m + q, Q=Q, test_error=test_error,
+                    test_error_noisy=test_error_noisy, train_loss=train_loss,
+                    train_objective=train_objective, a=a, Delta=Delta, A_hat=A_hat, params=params, **outcome)
 
 
 def _bayes_change(old, new):
@@ -214,9 +268,9 @@ def _bayes_change(old, new):
     return abs(new[2] - old[2]) / new[2] if new[2] > 0 else 0.0
 
 
-def bayes_state_evolution(alpha, T, law, channel, max_iter=1000, tol=1e-10, damping=0.0, *,
+def bayes_state_evolution(alpha, T, law, channel, max_iter=1000, tol=1e-10, damping="auto", *,
                           q0=0.0, mse_floor=1e-12, callback=None, predictions=False, n_mc=100_000,
-                          seed=0) -> SEResult:
+                          seed=0, output_rule="auto") -> SEResult:
     """Bayes-optimal state evolution (docs/theory.md §7, "Bayes-optimal SE").
 
     Parameters
@@ -228,12 +282,13 @@ def bayes_state_evolution(alpha, T, law, channel, max_iter=1000, tol=1e-10, damp
     max_iter : maximum number of steps.   tol : stop when ``|mse_{t+1} - mse_t| < tol * mse_{t+1}``
         (relative, so a geometric decay to 0 above a perfect-recovery threshold runs on until
         ``mse_floor``; ``tol = 0``: run ``max_iter`` steps unless perfect recovery stops earlier).
-    damping : ``m, q, V <- (1 - damping) new + damping old`` (as :func:`amp.gamp` damps ``S``).
+    damping : ``'auto'``, a fixed float or a schedule, as for :func:`state_evolution`.
     q0 : initial ``q = m`` (default 0: GAMP's ``S^0 = 0``, ``V^0 = Q*``; ``q0 = mean(S*)^2`` is the
         prior-mean start ``S^0 = mean I``).
     mse_floor : ``mse <= mse_floor * Q*`` counts as perfect recovery and stops the iteration.
     callback : optional ``callback(t, history)``; returning True stops.
-    predictions : also predict the test error (``n_mc`` Gaussian draws, ``seed``).
+    predictions : also predict the test errors (``n_mc``, ``seed`` and ``output_rule`` as for
+        :func:`state_evolution`).
 
     One step, with ``k_eff = K - 1`` (softmax) or ``K`` (linear, noise s2)::
 
@@ -254,17 +309,20 @@ def bayes_state_evolution(alpha, T, law, channel, max_iter=1000, tol=1e-10, damp
     if q0 >= Q:
         raise ValueError(f"q0 must be < Q* = {Q!r}, got {q0!r}")
     mse_floor = check_nonnegative(mse_floor, "mse_floor")
-    sample = OutputSample(alpha, T, Q, output.channel(), n_mc=n_mc, seed=seed)
+    sample = OutputSample(alpha, T, Q, output.channel(), n_mc=n_mc, seed=seed, method=output_rule)
     overlaps = lambda a, Delta, A_hat: denoiser.se_overlaps(law, a, Delta, A_hat)  # noqa: E731
-    (m, q, V), (A_hat, a, Delta), loop = iterate_se(
+    (m, q, V), (A_hat, a, Delta), outcome = iterate_se(
         output, denoiser, sample, overlaps, init=(q0, q0, Q - q0), max_iter=max_iter, tol=tol,
-        damping=damping, callback=callback, change=_bayes_change, mse_floor=mse_floor)
-    outcome = loop.outcome()
+        damping=damping, callback=callback, change=_bayes_change, mse_floor=mse_floor,
+        what="the Bayes-optimal state evolution")
     perfect = outcome["converged"] and outcome["message"].startswith("perfect recovery")
-    test_error = sample.test_error(m, q) if predictions and loop.n_iter else None
+    test_error = test_error_noisy = None
+    if predictions and outcome["n_iter"]:
+        test_error, test_error_noisy = sample.test_error(m, q), sample.test_error_noisy(m, q)
     k_eff, noise = output.observed_components(T)
     params = {"alpha": alpha, "T": T, "K": n_pairs(T), "k_eff": k_eff, "noise": noise,
               "channel": repr(output), "law": repr(law), "damping": damping}
-    return SEResult(m=m, q=q, V=V, mse=Q - q, Q=Q, test_error=test_error, a=a, Delta=Delta, A_hat=A_hat,
+    return SEResult(m=m, q=q, V=V, mse=Q - q, Q=Q, test_error=test_error, test_error_noisy=test_error_noisy,
+                    a=a, Delta=Delta, A_hat=A_hat,
                     params=params, perfect_recovery=perfect, mse_prior=law.variance, q0=q0, mse0=Q - q0,
                     **outcome)

@@ -80,3 +80,16 @@ def flat_direction(T: int) -> np.ndarray:
     _, _, c = pair_indices(T)
     u = 1.0 / c
     return u / np.linalg.norm(u)
+
+
+def pair_maps(T: int):
+    """``kidx[a, b]`` = whitened index of entry (a, b) (either order); ``cc[a, b]`` = its ``c_k``,
+    both ``(T, T)`` (for kernels that walk the ``T x T`` entries of a sample)."""
+    ia, ib, c = pair_indices(T)
+    kidx = np.empty((T, T), dtype=np.int64)
+    cc = np.empty((T, T))
+    kidx[ia, ib] = np.arange(ia.size)
+    kidx[ib, ia] = np.arange(ia.size)
+    cc[ia, ib] = c
+    cc[ib, ia] = c
+    return kidx, cc

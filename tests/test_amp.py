@@ -138,9 +138,11 @@ def test_fit_records_the_se_prediction_next_to_each_iterate(instance):
     est.fit(data.X, data.y, S_star=teacher.S, channel=aa.SoftmaxChannel(1.0))
     for key in ("se_mse", "se_m", "se_q"):
         assert est.history_[key].shape == (8,)
-    # the recorded SE is the state evolution run on its own at the same parameters
+    # the recorded SE is the state evolution run on its own at the same parameters, with GAMP's
+    # damping schedule (adaptive by default) replayed step by step
     se = aa.state_evolution(data.n / 30**2, 2, aa.SpectralLaw.atoms(teacher.eigenvalues), aa.SoftmaxChannel(1.0),
-                            "cross_entropy", "nuclear", 0.05, max_iter=8, tol=0, predictions=False)
+                            "cross_entropy", "nuclear", 0.05, max_iter=8, tol=0, predictions=False,
+                            damping=est.history_["damping"])
     np.testing.assert_allclose(est.history_["se_mse"], se.history["mse"])
     # and it is close to the iterates already at d = 30
     assert np.max(np.abs(est.history_["se_mse"] - est.history_["mse"])) < 0.15

@@ -68,6 +68,12 @@ def test_se_json_curve_against_closed_form(capsys):
             c = A / (A + lam)
             m, q, V = c * a * Q, c * c * (a * a * Q + Delta), c / (2 * A)
         assert abs(res["mse"][i] - (Q - 2 * m + q)) < 1e-8
+        # the fixed point's variance and conjugates (enough to compute the spectrum of S_hat)
+        A = 2 * alpha * K / (1 + 2 * V)
+        q_hat = 4 * alpha * K * (Q - 2 * m + q + s2) / (1 + 2 * V) ** 2
+        for key, want in (("V", V), ("A_hat", A), ("m_hat", A), ("q_hat", q_hat), ("a", 1.0),
+                          ("Delta", q_hat / (2 * A * A))):
+            assert res[key][i] == pytest.approx(want, rel=1e-7), key
         # linear channel: test error is E||h* - h_hat||_F^2 = 2 K mse (Monte Carlo)
         assert abs(res["test_error"][i] - 2 * K * (Q - 2 * m + q)) < 0.02 * 2 * K * (Q - 2 * m + q)
 
@@ -75,7 +81,64 @@ def test_se_json_curve_against_closed_form(capsys):
 def test_se_bayes_json(capsys):
     res = _json(capsys, ["se", "--alpha", "0.05,0.3", "--estimator", "bayes", "--json"])
     assert res["mse"][0] > res["mse"][1] >= 0
-    assert "train_loss" not in res
+    assert "train_loss" not in res and "train_objective" not in res
+    # Nishimori line: A_hat = m_hat = q_hat, a = 1, V = mse
+    for i in range(2):
+        assert res["A_hat"][i] == pytest.approx(res["m_hat"][i], rel=1e-12)
+        assert res["A_hat"][i] == pytest.approx(res["q_hat"][i], rel=1e-12)
+        assert res["a"][i] == pytest.approx(1.0, rel=1e-12)
+        assert res["V"][i] == pytest.approx(res["mse"][i], rel=1e-9)
+
+
+def test_paper_setting_se_and_run_json(capsys):
+    """Softmax-square loss on noisy softmax labels (issue 10): both commands run and report the
+    noisy test error, the training objective and the SE's variance and conjugates."""
+    model = ["--T", "2", "--channel", "softmax", "--beta", "1", "--noise", "0.25", "--loss", "softmax_square",
+             "--reg", "nuclear", "--lam", "0.01", "--n-mc", "2000"]
+    res = _json(capsys, ["se", "--alpha", "0.3", "--iters", "60"] + model + ["--json"])
+    assert res["params"]["noise"] == 0.25 and res["params"]["loss"] == "softmax_square"
+    for key in ("mse", "test_error", "train_loss", "V", "A_hat", "m_hat", "q_hat", "a", "Delta"):
+        assert res[key][0] is not None and np.isfinite(res[key][0]), key
+    assert {"test_error_noisy", "train_objective"} <= set(res)
+    if res["test_error_noisy"][0] is not None:  # fresh noisy labels are further from the clean map
+        assert res["test_error_noisy"][0] > res["test_error"][0]
+    res = _json(capsys, ["run", "--d", "24", "--alpha", "0.3", "--iters", "4", "--tol", "0"] + model + ["--json"])
+    final, se = res["final"], res["se"]
+    assert final["test_error_noisy"] > final["test_error"] > 0
+    assert set(se["fixed_point"]) >= {"V", "A_hat", "m_hat", "q_hat", "a", "Delta"}
+    for key in ("V", "A_hat", "m_hat", "q_hat"):
+        assert len(se[key]) == 4 and se[key][-1] == se["fixed_point"][key], key
+    assert len(res["amp"]["A_hat"]) == 4
+
+
+def test_noise_applies_to_every_channel():
+    from amp_attention import cli
+
+    parser = cli.build_parser()
+    for name, cls in (("softmax", "SoftmaxChannel"), ("hardmax", "HardmaxChannel"), ("linear", "LinearChannel")):
+        args = parser.parse_args(["run", "--channel", name, "--noise", "0.3", "--beta", "2"])
+        channel = cli._make_channel(args)
+        assert type(channel).__name__ == cls and channel.noise == 0.3
+        assert getattr(channel, "beta", 2.0) == 2.0
+
+
+def test_every_option_shows_its_default_in_help():
+    import argparse
+
+    from amp_attention import cli
+
+    parser = cli.build_parser()
+    subs = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    assert set(subs.choices) >= {"run", "se", "bench"}
+    for name, p in subs.choices.items():
+        text = " ".join(p.format_help().split())
+        for action in p._actions:
+            if isinstance(action, argparse._HelpAction):
+                continue
+            assert action.help, f"{name} {action.option_strings}: no help"
+            default = action.default if not isinstance(action.default, list) else str(action.default)
+            assert f"(default: {default})" in text, f"{name} {action.option_strings}: default not shown"
+    assert "softmax_square" in " ".join(subs.choices["se"].format_help().split())
 
 
 def test_bench_json(capsys):
@@ -91,6 +154,8 @@ def test_bench_json(capsys):
     (["run", "--T", "1", "--d", "10"], "T >= 2"),
     (["se", "--alpha", "0.1,nope"], "comma-separated"),
     (["run", "--channel", "hardmax", "--estimator", "bayes", "--d", "10", "--iters", "1"], "hardmax"),
+    (["se", "--estimator", "bayes", "--noise", "0.1", "--alpha", "0.2"], "noisy softmax"),
+    (["run", "--noise", "-0.1"], "expected a finite number >= 0"),
 ])
 def test_bad_input_exits_2_with_message(argv, msg, capsys):
     with pytest.raises(SystemExit) as exc:

@@ -140,7 +140,7 @@ def test_cross_entropy_value_matches_formula_and_is_shift_invariant(beta, rng):
     assert abs(shifted - val) <= 1e-10 * max(1.0, abs(val))
 
 
-@pytest.mark.parametrize("loss", ["square", "cross_entropy"])
+@pytest.mark.parametrize("loss", ["square", "cross_entropy", "softmax_square"])
 @pytest.mark.parametrize("reg", ["nuclear", "frobenius"])
 def test_objective_gradient_matches_finite_differences(loss, reg, rng):
     d, T, n = 7, 3, 30
@@ -164,7 +164,7 @@ def test_objective_gradient_matches_finite_differences(loss, reg, rng):
         assert abs(fd - np.sum(G * E)) <= 1e-6 * max(1.0, abs(fd))
 
 
-@pytest.mark.parametrize("loss", ["square", "cross_entropy"])
+@pytest.mark.parametrize("loss", ["square", "cross_entropy", "softmax_square"])
 def test_optimised_variables_gradients_match_finite_differences(loss, rng):
     """The gradients L-BFGS sees: factor W (nuclear) and orthonormal Sym_d coordinates (frobenius)."""
     d, T, n, m = 6, 2, 25, 4
@@ -252,6 +252,10 @@ def test_result_fields_determinism_and_warm_start():
     # warm start from the solution: few iterations, same answer
     c = direct_erm(data.X, data.y, S0=a.S, random_state=4)
     assert c.converged and c.n_iter < a.n_iter
+    # convex loss: a single run (the random default start, or S0 alone)
+    assert a.start_labels == ("random0",) and c.start_labels == ("S0",)
+    assert a.best_start == 0 and a.start_objectives.tolist() == [a.objective]
+    assert a.start_residuals.tolist() == [a.relative_residual]
     assert rel(c.S, a.S) < 1e-6
     p = direct_erm(data.X, data.y, S0=a.S, method="prox")
     assert p.times.shape == p.history.shape and np.all(np.diff(p.times) >= 0)
@@ -326,6 +330,10 @@ def _good(rng, T=2):
         ({"S0": np.ones((4, 4))}, "S0"),
         ({"S0": np.arange(25.0).reshape(5, 5)}, "S0"),
         ({"random_state": "seed"}, "rng"),
+        ({"n_starts": -1}, "n_starts"),
+        ({"n_starts": 1.5}, "n_starts"),
+        ({"n_starts": 0}, "n_starts"),
+        ({"n_starts": 0, "loss": "softmax_square"}, "n_starts"),
     ],
 )
 def test_validation_errors(kwargs, match, rng):
@@ -357,6 +365,8 @@ def test_validation_errors_data(rng):
     X1, _ = _good(rng, T=1)
     with pytest.raises(ValueError, match="T >= 2"):
         direct_erm(X1, np.ones((6, 1, 1)), loss="cross_entropy")
+    with pytest.raises(ValueError, match="T >= 2"):
+        direct_erm(X1, np.ones((6, 1, 1)), loss="softmax_square")
     # T = 1 is fine for the square loss
     res = direct_erm(X1, rng.standard_normal((6, 1, 1)), loss="square", reg="frobenius", lam=0.1)
     assert res.converged

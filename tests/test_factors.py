@@ -72,7 +72,7 @@ def test_rie_closed_form_overlaps_equal_the_generic_free_path():
 def test_bayes_closed_form_conjugates_equal_the_generic_monte_carlo_path(output):
     """Nishimori line m = q, V = Q* - q: the generic averages of g_out give the closed form."""
     law_Q, alpha, T = 1.5, 0.4, 2
-    sample = OutputSample(alpha, T, law_Q, output.channel(), n_mc=200_000, seed=3)
+    sample = OutputSample(alpha, T, law_Q, output.channel(), n_mc=200_000, seed=3, method="mc")
     K = n_pairs(T)
     for q in (0.0, 0.6, 1.2):
         closed = output.se_conjugates(sample, q, q, law_Q - q)
@@ -87,9 +87,9 @@ def test_bayes_closed_form_conjugates_equal_the_generic_monte_carlo_path(output)
 
 
 def test_output_sample_draws_are_lazy_and_fixed():
-    sample = OutputSample(0.3, 2, 1.5, aa.SoftmaxChannel(1.0), n_mc=1000, seed=0)
+    sample = OutputSample(0.3, 2, 1.5, aa.SoftmaxChannel(1.0), n_mc=1000, seed=0, method="mc")
     assert sample._draws is None
     y1 = sample.y
     assert sample.y is y1 and y1.shape == (1000, 2, 2)
-    again = OutputSample(0.3, 2, 1.5, aa.SoftmaxChannel(1.0), n_mc=1000, seed=0)
+    again = OutputSample(0.3, 2, 1.5, aa.SoftmaxChannel(1.0), n_mc=1000, seed=0, method="mc")
     np.testing.assert_array_equal(again.y, y1)

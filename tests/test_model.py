@@ -90,6 +90,13 @@ def test_softmax_rows_sum_to_one_and_stable(beta, rng):
         np.testing.assert_allclose(y, aa.HardmaxChannel()(h), atol=1e-12)
 
 
+@pytest.mark.parametrize("beta", [1e306, 1.7e308])
+def test_softmax_stable_at_the_largest_beta(beta):
+    """The row max of h is subtracted before multiplying by beta (beta * h alone overflows)."""
+    y = aa.SoftmaxChannel(beta)(np.array([[[0.0, 200.0], [200.0, 0.0]]]))
+    np.testing.assert_array_equal(y, [[[0.0, 1.0], [1.0, 0.0]]])
+
+
 def test_hardmax_one_hot_with_deterministic_ties():
     h = np.zeros((2, 3, 3))
     h[1] = [[0, 2, 2], [2, 1, 0], [2, 0, 5]]
@@ -131,6 +138,10 @@ def test_model_validation_errors(rng):
         aa.SoftmaxChannel(-1.0)
     with pytest.raises(ValueError, match="noise"):
         aa.LinearChannel(-0.1)
+    with pytest.raises(ValueError, match="noise"):
+        aa.SoftmaxChannel(1.0, noise=-0.1)
+    with pytest.raises(ValueError, match="noise"):
+        aa.HardmaxChannel(noise=np.inf)
     t = aa.Teacher.wishart(10, 0.5, rng)
     with pytest.raises(ValueError, match="T must"):
         aa.sample_data(5, 9, t, aa.LinearChannel(0.0), rng)

@@ -17,6 +17,8 @@ Losses (docs/theory.md §4), per sample
 * :class:`CrossEntropyLoss`: ``sum_a [ -beta sum_b y_ab h_ab + logsumexp_b(beta h_ab) ]``, convex,
   constant along the global shift ``h -> h + c 11^T`` when the rows of ``y`` sum to one, i.e. along
   the whitened direction ``u ~ (1/c_k)_k`` (:func:`amp_attention.whitening.flat_direction`).
+* :class:`SoftmaxSquareLoss`: ``sum_a ||y_a - softmax(beta h_a)||^2`` (no 1/2), flat along ``u``
+  for any ``y``, not convex: its prox is the global minimiser over several Newton starts.
 
 Layout
 ------
@@ -25,32 +27,48 @@ Layout
   ``v Gamma_mu``, the variance shapes being :class:`amp_attention.variance.GramVariance`);
 * :mod:`~amp_attention.losses.square`: closed form, vectorised NumPy;
 * :mod:`~amp_attention.losses.cross_entropy`: damped Newton prox, whose Numba kernels and their
-  NumPy twins are in the private ``_cross_entropy_kernels`` (small linear algebra in ``_linalg``).
+  NumPy twins are in the private ``_cross_entropy_kernels`` (small linear algebra in ``_linalg``);
+* :mod:`~amp_attention.losses.softmax_square`: multi-start safeguarded Newton prox, kernels and
+  twins in the private ``_softmax_square_kernels``.
 """
 
 from .._validation import check_positive
 from .base import Loss, gram_g_out
 from .cross_entropy import CrossEntropyLoss, cross_entropy_g_out, cross_entropy_prox
+from .softmax_square import SoftmaxSquareLoss, softmax_square_g_out, softmax_square_prox
 from .square import SquareLoss, square_g_out, square_prox
 
 __all__ = [
     "Loss",
     "SquareLoss",
     "CrossEntropyLoss",
+    "SoftmaxSquareLoss",
     "make_loss",
     "gram_g_out",
     "square_prox",
     "square_g_out",
     "cross_entropy_prox",
     "cross_entropy_g_out",
+    "softmax_square_prox",
+    "softmax_square_g_out",
 ]
 
+#: The names :func:`make_loss` accepts.
+LOSS_NAMES = ("square", "cross_entropy", "softmax_square")
 
-def make_loss(name: str, beta: float = 1.0) -> Loss:
-    """``'square'`` -> :class:`SquareLoss`; ``'cross_entropy'`` -> ``CrossEntropyLoss(beta)``
-    (``beta > 0``)."""
+
+def make_loss(name: str, beta: float = 1.0, **options) -> Loss:
+    """``'square'`` -> :class:`SquareLoss`; ``'cross_entropy'`` -> ``CrossEntropyLoss(beta)``;
+    ``'softmax_square'`` -> ``SoftmaxSquareLoss(beta, **options)`` (``beta > 0``; options:
+    ``prox_start``, ``tol``, ``max_newton``)."""
+    if name not in LOSS_NAMES:
+        raise ValueError(f"loss must be one of {LOSS_NAMES}, got {name!r}")
     if name == "square":
+        if options:
+            raise ValueError(f"loss='square' takes no options, got {sorted(options)}")
         return SquareLoss()
     if name == "cross_entropy":
-        return CrossEntropyLoss(check_positive(beta, "beta"))
-    raise ValueError(f"loss must be 'square' or 'cross_entropy', got {name!r}")
+        if "prox_start" in options:
+            raise ValueError("prox_start applies to non-convex losses ('softmax_square'), not loss='cross_entropy'")
+        return CrossEntropyLoss(check_positive(beta, "beta"), **options)
+    return SoftmaxSquareLoss(check_positive(beta, "beta"), **options)

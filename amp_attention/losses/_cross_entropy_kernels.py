@@ -30,7 +30,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from ..whitening import n_pairs, pair_indices, unwhiten
+from ..whitening import n_pairs, pair_indices, pair_maps, unwhiten
 from ._linalg import backward, chol_solve, cholesky_inplace, cholesky_recip, forward
 
 
@@ -52,18 +52,6 @@ NONFINITE = 4  # a non-finite value appeared (should not happen for valid inputs
 # --------------------------------------------------------------------------------------------
 # Index maps of the whitened coordinates
 # --------------------------------------------------------------------------------------------
-
-
-def pair_maps(T: int):
-    """``kidx[a, b]`` = whitened index of entry (a, b); ``cc[a, b]`` = its constant ``c_k``."""
-    ia, ib, c = pair_indices(T)
-    kidx = np.empty((T, T), dtype=np.int64)
-    cc = np.empty((T, T))
-    kidx[ia, ib] = np.arange(ia.size)
-    kidx[ib, ia] = np.arange(ia.size)
-    cc[ia, ib] = c
-    cc[ib, ia] = c
-    return kidx, cc
 
 
 def z_adjoint(G: np.ndarray) -> np.ndarray:

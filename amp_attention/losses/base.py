@@ -31,14 +31,17 @@ The validation helpers (:func:`check_targets`, :func:`check_H`, :func:`check_z`,
 
 from __future__ import annotations
 
+import numbers
+
 import numpy as np
 
-from .._validation import as_float_array, check_T
+from .._validation import as_float_array, check_positive, check_T
 from ..factors import OutputFactor
 from ..variance import GramVariance
 from ..whitening import n_pairs
 
-__all__ = ["Loss", "gram_g_out", "check_targets", "check_H", "check_z", "check_jacobian"]
+__all__ = ["Loss", "gram_g_out", "check_targets", "check_H", "check_z", "check_jacobian", "check_tol",
+           "check_max_newton"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -74,6 +77,18 @@ def check_z(z, name: str, y: np.ndarray) -> np.ndarray:
     if z.shape != (n, K):
         raise ValueError(f"{name} must have shape (n, K) = ({n}, {K}) to match y, got {z.shape}")
     return np.ascontiguousarray(z)
+
+
+def check_tol(tol) -> float:
+    """Newton tolerance of a prox: a finite number > 0."""
+    return check_positive(tol, "tol")
+
+
+def check_max_newton(max_newton) -> int:
+    """Newton step budget of a prox: an integer >= 1."""
+    if isinstance(max_newton, bool) or not isinstance(max_newton, numbers.Integral) or max_newton < 1:
+        raise ValueError(f"max_newton must be an integer >= 1, got {max_newton!r}")
+    return int(max_newton)
 
 
 def check_jacobian(jacobian) -> str:

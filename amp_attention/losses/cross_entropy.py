@@ -29,7 +29,6 @@ trace for GAMP) is described in the kernel module.
 
 from __future__ import annotations
 
-import numbers
 
 import numba
 import numpy as np
@@ -51,26 +50,12 @@ from ._cross_entropy_kernels import (
     ce_hess_numpy,
     ce_prox,
     ce_softmax_parts_numpy,
-    pair_maps,
     run_ce_value,
 )
-from .base import Loss, check_H, check_jacobian, check_targets, check_z
+from ..whitening import pair_maps
+from .base import Loss, check_H, check_jacobian, check_max_newton, check_targets, check_tol, check_z
 
 __all__ = ["CrossEntropyLoss", "cross_entropy_prox", "cross_entropy_g_out"]
-
-
-def _check_tol(tol) -> float:
-    return check_positive(tol, "tol")
-
-
-def _check_max_newton(max_newton) -> int:
-    if (
-        isinstance(max_newton, bool)
-        or not isinstance(max_newton, numbers.Integral)
-        or max_newton < 1
-    ):
-        raise ValueError(f"max_newton must be an integer >= 1, got {max_newton!r}")
-    return int(max_newton)
 
 
 def _ce_run(y, omega, V, beta, p0, tol, max_newton, jac_mode, vscale=1.0):
@@ -159,8 +144,8 @@ def cross_entropy_prox(
     beta = check_positive(beta, "beta")
     y = check_targets(y, min_T=2)
     omega = check_z(omega, "omega", y)
-    tol = _check_tol(tol)
-    max_newton = _check_max_newton(max_newton)
+    tol = check_tol(tol)
+    max_newton = check_max_newton(max_newton)
     p, _, _, info = _ce_run(y, omega, V, beta, p0, tol, max_newton, 0)
     return p, info
 
@@ -185,8 +170,8 @@ def cross_entropy_g_out(
     beta = check_positive(beta, "beta")
     y = check_targets(y, min_T=2)
     omega = check_z(omega, "omega", y)
-    tol = _check_tol(tol)
-    max_newton = _check_max_newton(max_newton)
+    tol = check_tol(tol)
+    max_newton = check_max_newton(max_newton)
     jac_mode = 1 if check_jacobian(jacobian) == "full" else 2
     p, g, dg, info = _ce_run(y, omega, V, beta, p0, tol, max_newton, jac_mode)
     info["p"] = p
@@ -202,13 +187,15 @@ class CrossEntropyLoss(Loss):
     """
 
     name = "cross_entropy"
+    flat_invariant = True  # softmax of rows: invariant to h -> h + c 11^T
+    smooth_g_out = True  # convex: the prox is Lipschitz in omega
 
     def __init__(
         self, beta: float = 1.0, tol: float = DEFAULT_TOL, max_newton: int = DEFAULT_MAX_NEWTON
     ):
         self.beta = check_positive(beta, "beta")
-        self.tol = _check_tol(tol)
-        self.max_newton = _check_max_newton(max_newton)
+        self.tol = check_tol(tol)
+        self.max_newton = check_max_newton(max_newton)
 
     def __repr__(self):
         return f"CrossEntropyLoss(beta={self.beta!r})"

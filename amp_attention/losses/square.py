@@ -105,6 +105,7 @@ class SquareLoss(Loss):
     """
 
     name = "square"
+    smooth_g_out = True  # g is affine in omega
 
     def __repr__(self):
         return "SquareLoss()"

@@ -1,0 +1,110 @@
+"""Convergence at the paper's operating points (issue 11; docs/theory.md §5 damping, §7.3).
+
+The reproducers of the convergence issue, as a fast subset of the convergence grid
+(``benchmarks/convergence_grid.py``; the full grid is behind ``-m slow``):
+
+* undamped ERM-GAMP cycles at d = 60, T = 2, alpha = 0.1 (cross-entropy + nuclear, lam = 0.01):
+  the default adaptive damping converges, to the minimiser found independently by ``direct_erm``;
+* the SE never raises for valid inputs (extreme alpha, tiny lam) and returns a converged state or a
+  flagged one with a message;
+* a loop stopped by ``max_iter`` warns with scikit-learn's ``ConvergenceWarning``.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+from sklearn.exceptions import ConvergenceWarning
+
+import amp_attention as aa
+
+
+@pytest.fixture(scope="module")
+def cycling_instance():
+    d = 60
+    teacher = aa.Teacher.wishart(d, 0.5, np.random.default_rng(0))
+    data = aa.sample_data(int(0.1 * d * d), 2, teacher, aa.SoftmaxChannel(1.0), np.random.default_rng(0))
+    return teacher, data
+
+
+def test_undamped_gamp_cycles_here_and_adaptive_damping_reaches_the_minimiser(cycling_instance):
+    teacher, data = cycling_instance
+    with pytest.warns(ConvergenceWarning):
+        plain = aa.ERMAttention(lam=0.01, max_iter=150, damping=0.0).fit(data.X, data.y)
+    assert not plain.converged_  # the reproducer: a period-2 cycle, no convergence
+    auto = aa.ERMAttention(lam=0.01, max_iter=1000, tol=1e-8).fit(data.X, data.y)
+    assert auto.converged_ and not auto.diverged_
+    assert np.max(auto.history_["damping"]) > 0  # the adaptive rule engaged
+    assert auto.history_["damping"][0] == 0.0  # and started undamped
+    ref = aa.direct_erm(data.X, data.y, "cross_entropy", "nuclear", 0.01, random_state=0)
+    assert np.linalg.norm(auto.S_ - ref.S) <= 1e-5 * np.linalg.norm(ref.S)
+
+
+def test_adaptive_damping_leaves_a_contracting_iteration_undamped():
+    d = 40
+    rng = np.random.default_rng(3)
+    teacher = aa.Teacher.wishart(d, 0.5, rng)
+    data = aa.sample_data(int(0.5 * d * d), 2, teacher, aa.LinearChannel(0.1), rng)
+    a = aa.ERMAttention(loss="square", reg="frobenius", lam=0.1, max_iter=300).fit(data.X, data.y)
+    b = aa.ERMAttention(loss="square", reg="frobenius", lam=0.1, max_iter=300, damping=0.0).fit(data.X, data.y)
+    assert a.converged_ and b.converged_
+    if np.all(a.history_["damping"] == 0):
+        np.testing.assert_array_equal(a.S_, b.S_)  # bit-identical when the rule never engaged
+    np.testing.assert_allclose(a.S_, b.S_, atol=1e-7 * np.abs(b.S_).max())
+
+
+@pytest.mark.parametrize("alpha, lam", [(0.05, 1e-5), (1e4, 0.01)])
+def test_state_evolution_converges_at_extreme_operating_points(alpha, lam):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ConvergenceWarning)
+        r = aa.state_evolution(alpha, 2, aa.SpectralLaw.wishart(0.5), aa.SoftmaxChannel(1.0), "cross_entropy",
+                               "nuclear", lam, n_mc=20_000, seed=1, max_iter=400)
+    assert r.converged and not r.diverged, r.message
+    assert all(np.isfinite(v) for v in (r.m, r.q, r.V, r.test_error, r.train_loss))
+    assert r.m * r.m <= r.q * r.Q * (1 + 1e-9)  # Cauchy-Schwarz of the overlaps
+
+
+def test_state_evolution_at_vanishing_alpha_predicts_without_raising():
+    r = aa.state_evolution(1e-12, 2, aa.SpectralLaw.wishart(0.5), aa.SoftmaxChannel(1.0), "cross_entropy",
+                           "nuclear", 0.01, n_mc=5_000, max_iter=50)
+    assert r.V == 0.0 and r.q == 0.0  # nothing learnt: S = 0, a locally constant denoiser
+    assert np.isfinite(r.train_loss) and np.isfinite(r.test_error)
+
+
+def test_state_evolution_stopped_by_max_iter_warns_and_flags():
+    with pytest.warns(ConvergenceWarning, match="did not converge"):
+        r = aa.state_evolution(0.3, 2, aa.SpectralLaw.wishart(0.5), aa.LinearChannel(0.1), "square", "nuclear",
+                               0.05, max_iter=2, tol=1e-12)
+    assert not r.converged and "max_iter" in r.message
+    with warnings.catch_warnings():  # tol = 0 asks for exactly max_iter steps: no warning
+        warnings.simplefilter("error", ConvergenceWarning)
+        aa.state_evolution(0.3, 2, aa.SpectralLaw.wishart(0.5), aa.LinearChannel(0.1), "square", "nuclear",
+                           0.05, max_iter=2, tol=0)
+
+
+def test_se_failure_inside_the_loop_is_reported_not_raised():
+    """A factor that raises inside the loop: fixed damping flags it, 'auto' backtracks first."""
+    from amp_attention.losses import SquareLoss
+
+    class Fragile(SquareLoss):
+        def se_conjugates(self, sample, m, q, V):
+            if q > 0.5:
+                raise FloatingPointError("overflow in a factor")
+            return super().se_conjugates(sample, m, q, V)
+
+    from amp_attention.denoisers import make_denoiser
+    from amp_attention.output_sample import OutputSample
+    from amp_attention.se import _erm_change, iterate_se
+
+    law = aa.SpectralLaw.wishart(0.5)
+    den = make_denoiser("frobenius", 0.01)
+    sample = OutputSample(1.0, 2, law.Q, aa.LinearChannel(0.0), n_mc=1000)
+    for damping in (0.0, "auto"):
+        state, _, out = iterate_se(Fragile(), den, sample,
+                                   lambda a, D, A: den.se_overlaps(law, a, D, A), init=(0.0, 0.0, 1.0),
+                                   max_iter=50, tol=1e-10, damping=damping, callback=None, change=_erm_change)
+        assert out["diverged"] and "FloatingPointError" in out["message"]
+        # the returned state is the last recorded one, finite
+        assert all(np.isfinite(state)) and state[1] == out["history"]["q"][-1]
