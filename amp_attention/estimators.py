@@ -21,7 +21,7 @@ from ._validation import as_float_array, check_nonnegative, check_symmetric, che
 from .amp import AMPResult, gamp
 from .bayes_outputs import bayes_output
 from .denoisers import RIEDenoiser, make_denoiser
-from .loop import check_damping, check_max_iter
+from .loop import check_callback, check_damping, check_max_iter
 from .losses import make_loss
 from .operator import forward_whitened
 from .se import state_evolution
@@ -218,8 +218,7 @@ class BayesAttention(GAMPEstimator):
         output.z_target(y)  # validates y early (softmax: no zero entries)
         if S_star is not None:
             S_star = check_symmetric(S_star, "S_star", d=d)
-        if callback is not None and not callable(callback):
-            raise ValueError(f"callback must be None or a callable, got {type(callback).__name__}")
+        check_callback(callback)  # before it is wrapped by the blow-up guard
         Q = law.Q
         blowup = []
 

@@ -207,11 +207,6 @@ class Loop:
         self.message = message
         self._stopped = True
 
-    def stop(self, message: str) -> None:
-        """Stop without convergence or divergence (e.g. a domain limit the caller reports)."""
-        self.message = message
-        self._stopped = True
-
     def record(self, **values) -> None:
         """Append one iteration's values and count the iteration."""
         for k, v in values.items():

@@ -31,6 +31,7 @@ from amp_attention.losses._linalg import cholesky_inplace
 from amp_attention.model import row_softmax
 from amp_attention.variance import GramVariance
 from amp_attention.whitening import flat_direction, n_pairs, unwhiten, whiten
+from inputs import full_V, onehot_targets, random_V
 
 FAST = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -59,30 +60,6 @@ def softmax_targets(rng, n, T, beta, scale=1.0):
     b -= b.max(axis=2, keepdims=True)
     y = np.exp(b)
     return y / y.sum(axis=2, keepdims=True)
-
-
-def onehot_targets(rng, n, T):
-    y = np.zeros((n, T, T))
-    idx = rng.integers(0, T, size=(n, T))
-    np.put_along_axis(y, idx[:, :, None], 1.0, axis=2)
-    return y
-
-
-def random_V(rng, n, K, kind, v=1.0):
-    """V as 'scalar', shared '(K,K)', per-sample '(n,K,K)' SPD, or per-sample 'diag'."""
-    if kind == "scalar":
-        return float(v)
-    if kind == "shared":
-        A = rng.standard_normal((K, K)) / np.sqrt(K)
-        return v * (0.3 * np.eye(K) + A @ A.T)
-    if kind == "diag":
-        return v * np.einsum("ni,ij->nij", rng.uniform(0.2, 2.0, size=(n, K)), np.eye(K))
-    A = rng.standard_normal((n, K, K)) / np.sqrt(K)
-    return v * (0.3 * np.eye(K)[None] + A @ np.swapaxes(A, 1, 2))
-
-
-def full_V(V, n, K):
-    return np.broadcast_to(np.asarray(V, float) * (np.eye(K) if np.ndim(V) == 0 else 1.0), (n, K, K))
 
 
 def prox_objective_grad(loss, y, omega, V, p):

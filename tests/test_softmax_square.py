@@ -40,6 +40,7 @@ from amp_attention.losses.softmax_square import (
 )
 from amp_attention.variance import GramVariance
 from amp_attention.whitening import flat_direction, n_pairs, unwhiten, whiten
+from inputs import full_V, onehot_targets, random_V
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -70,30 +71,6 @@ def noisy_softmax_targets(rng, n, T, beta, scale=1.0, noise=0.5):
     s = scale * rng.choice([0.5, 1.0, 2.0], size=(n, 1))
     h = unwhiten(s * rng.standard_normal((n, K)), T) + noise * rng.standard_normal((n, T, T))
     return row_softmax_ref(h, beta)
-
-
-def onehot_targets(rng, n, T):
-    y = np.zeros((n, T, T))
-    np.put_along_axis(y, rng.integers(0, T, size=(n, T))[:, :, None], 1.0, axis=2)
-    return y
-
-
-def random_V(rng, n, K, kind, v=1.0):
-    """V as 'scalar', 'shared' (K, K), per-sample 'sample' (n, K, K) SPD, or 'diag' per sample."""
-    if kind == "scalar":
-        return float(v)
-    if kind == "shared":
-        A = rng.standard_normal((K, K)) / np.sqrt(K)
-        return v * (0.3 * np.eye(K) + A @ A.T)
-    if kind == "diag":
-        return v * np.einsum("ni,ij->nij", rng.uniform(0.2, 2.0, size=(n, K)), np.eye(K))
-    A = rng.standard_normal((n, K, K)) / np.sqrt(K)
-    return v * (0.3 * np.eye(K)[None] + A @ np.swapaxes(A, 1, 2))
-
-
-def full_V(V, n, K):
-    V = np.asarray(V, dtype=float)
-    return np.broadcast_to(V * np.eye(K) if V.ndim == 0 else V, (n, K, K))
 
 
 def prox_objective(y, omega, V, beta, z):
