@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numbers
+import os
 
 import numpy as np
 
@@ -16,6 +17,9 @@ __all__ = [
     "check_nonnegative",
     "check_rng",
     "check_T",
+    "available_memory",
+    "check_memory",
+    "InsufficientMemoryError",
 ]
 
 
@@ -74,10 +78,60 @@ def check_nonnegative(x, name: str) -> float:
     return float(x)
 
 
-def check_rng(rng) -> np.random.Generator:
-    """Accept a ``numpy.random.Generator``, an int seed, or None (fresh entropy)."""
+def check_rng(rng, name: str = "rng") -> np.random.Generator:
+    """Accept a ``numpy.random.Generator``, an int seed >= 0, or None (fresh entropy).
+
+    ``name`` is the argument's name in the caller (``seed``, ``random_state``...) for the message.
+    """
     if isinstance(rng, np.random.Generator):
         return rng
-    if rng is None or (isinstance(rng, numbers.Integral) and not isinstance(rng, bool)):
-        return np.random.default_rng(rng)
-    raise ValueError(f"rng must be a numpy.random.Generator, an int seed or None, got {type(rng).__name__}")
+    if rng is None:
+        return np.random.default_rng()
+    if isinstance(rng, numbers.Integral) and not isinstance(rng, bool):
+        if rng < 0:
+            raise ValueError(f"{name} must be an int seed >= 0, a numpy.random.Generator or None, got {rng!r}")
+        return np.random.default_rng(int(rng))
+    raise ValueError(f"{name} must be a numpy.random.Generator, an int seed >= 0 or None, "
+                     f"got {type(rng).__name__}")
+
+
+def available_memory() -> int | None:
+    """Bytes of memory available to this process (Linux ``MemAvailable``; None where unknown)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    except (AttributeError, OSError, ValueError):  # pragma: no cover - non-POSIX
+        return None
+
+
+def _gib(nbytes: float) -> str:
+    return f"{nbytes / 2**30:.3g} GiB"
+
+
+class InsufficientMemoryError(MemoryError, ValueError):
+    """Raised before allocating when a call would need more memory than is available.
+
+    A ``MemoryError`` (what it is) and a ``ValueError`` (the arguments ask for too much; the
+    message names them), so either ``except`` clause catches it.
+    """
+
+
+def check_memory(nbytes: float, what: str, hint: str = "") -> None:
+    """Raise :class:`InsufficientMemoryError` *before* allocating when ``what`` would need more than the available memory.
+
+    ``nbytes``: the estimated need in bytes (a float, so that products of huge sizes do not
+    overflow); the message states the need and what is available, plus ``hint``.  Does nothing
+    where the available memory is unknown.
+    """
+    avail = available_memory()
+    if np.isfinite(nbytes) and (avail is None or nbytes <= avail):
+        return
+    need = _gib(nbytes) if np.isfinite(nbytes) else "an unbounded amount of memory"
+    have = f", {_gib(avail)} available" if avail is not None else ""
+    raise InsufficientMemoryError(f"{what} would need {need}{have}{'; ' + hint if hint else ''}")
