@@ -14,20 +14,11 @@ docstrings refer to it.  Layout, bottom to top:
 * above the loops: ``estimators`` (scikit-learn :class:`ERMAttention`, :class:`BayesAttention`),
   ``erm`` (direct training baseline), ``sweep`` (parameter grids on any executor), ``cli``.
 
-Thread policy: one GAMP iteration alternates BLAS calls (GEMM, SYRK, eigh) with Numba kernels
-parallel over samples.  OpenBLAS worker threads busy-wait for a long time after each call, and on
-a machine with few cores they then starve the Numba threads (measured on 2 cores: the iteration
-took 1.7x longer).  Importing this package therefore sets ``OPENBLAS_THREAD_TIMEOUT=4`` (workers
-sleep after ~2^4 cycles of idling) unless it is already set, which takes effect only if NumPy has
-not been imported yet; otherwise set it in the environment yourself.  Thread counts are the usual
-``OPENBLAS_NUM_THREADS`` / ``NUMBA_NUM_THREADS``.
+Thread policy (:mod:`amp_attention.threads`): the GEMMs of the sensing operator run inside Numba
+threads, one block of samples each, with BLAS limited to one thread meanwhile (threadpoolctl), so
+BLAS and Numba never compete for the cores, whatever the import order; nothing is written to the
+environment.  The Numba thread count is the usual ``NUMBA_NUM_THREADS``.
 """
-
-import os as _os
-import sys as _sys
-
-if "numpy" not in _sys.modules:
-    _os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
 
 __version__ = "0.2.0"
 

@@ -4,17 +4,17 @@ Private module: :mod:`amp_attention.operator` (:class:`~amp_attention.operator.S
 is the only caller in the package; the tests compare every kernel with its twin.  Naming scheme:
 the Numba kernel (or the thin wrapper that fixes its tuning arguments) is ``name``, its NumPy
 twin ``name_numpy`` (same result up to rounding, written for clarity, tests only).  Nothing here
-validates its arguments: float64 arrays of the documented shapes, C-contiguous where a kernel
-writes into a caller's buffer.
+validates its arguments: float64 arrays of the documented shapes (tokens of the blocked kernels:
+float64 or float32), C-contiguous.
 
-Forward (§3)
-    :func:`pair_contract` ``H_mu,ab = <X_mu,a, Y_mu,b>`` (``Y = X S``); factored ``S = F diag(sigma)
-    F^T``: :func:`pair_contract_weighted` on ``Y = X F``.
-Adjoint (§3)
-    GEMM path: :func:`mix_tokens_into` / :func:`mix_tokens` ``B_mu = G_mu X_mu``.  SYRK path:
-    :func:`sym_eig` (cyclic Jacobi, :func:`sym_eig_kernel`), :func:`eig_row_offsets`,
-    :func:`pack_eig_rows`, then :func:`syrk_difference` (BLAS ``dsyrk``; no twin, it is checked
-    against ``P^T P - N^T N`` directly).
+Blocked kernels (§3; the GEMMs inside Numba, one block of samples at a time, see the section
+at the end): :func:`forward_blocked` (twin :func:`pair_contract_numpy` of ``X S``),
+:func:`forward_factored_blocked` (``S = F diag(sigma) F^T``, twin
+:func:`pair_contract_weighted_numpy` of ``X F``), :func:`backproject_gemm_blocked` (twin
+:func:`mix_tokens_numpy` + one GEMM), :func:`backproject_syrk_blocked` on the per-sample
+eigendecompositions of :func:`sym_eig` (cyclic Jacobi, :func:`sym_eig_kernel`, twin
+:func:`sym_eig_numpy`; packed rows twin :func:`pack_eig_rows_numpy`), with BLAS ``syrk`` called
+from Numba by :func:`syrk_into`.
 Per-sample Gram matrices (§5)
     :func:`gram` (token Gram ``X_mu X_mu^T``), :func:`gamma_from_gram`; :func:`sample_gram`
     composes the two, twin :func:`sample_gram_numpy` (materialises the sensing matrices).
@@ -26,58 +26,41 @@ import math
 
 import numpy as np
 from numba import njit, prange
-from scipy.linalg.blas import dsyrk
+from llvmlite import ir
+from numba import types
+from numba.extending import get_cython_function_address, intrinsic
 
 from .whitening import pair_indices
 
 __all__ = [
-    "pair_contract",
     "pair_contract_numpy",
-    "mix_tokens_into",
-    "mix_tokens",
     "mix_tokens_numpy",
     "JACOBI_MAX_SWEEPS",
     "EIG_LANES",
     "sym_eig_kernel",
     "sym_eig",
     "sym_eig_numpy",
-    "eig_row_offsets",
-    "eig_row_offsets_numpy",
-    "pack_eig_rows",
     "pack_eig_rows_numpy",
-    "syrk_difference",
-    "pair_contract_weighted",
     "pair_contract_weighted_numpy",
     "gram",
     "gamma_from_gram",
     "sample_gram",
     "sample_gram_numpy",
+    "ADJOINT_CHUNKS",
+    "BLOCK_BYTES",
+    "block_size",
+    "SYRK_ADDRESS",
+    "syrk_into",
+    "forward_blocked",
+    "forward_factored_blocked",
+    "backproject_gemm_blocked",
+    "backproject_syrk_blocked",
 ]
 
 
 # --------------------------------------------------------------------------------------------
-# Forward contraction (§3) and token mixing (GEMM path of the adjoint)
+# NumPy twins of the forward contraction (§3) and of the token mixing (GEMM path of the adjoint)
 # --------------------------------------------------------------------------------------------
-
-
-@njit(cache=True, parallel=True)
-def pair_contract(X, Y):
-    """``H[mu, a, b] = <X[mu, a], Y[mu, b]>`` for a <= b, mirrored (exactly symmetric output).
-
-    With ``Y = X S`` (S symmetric) the full contraction is symmetric up to rounding; computing
-    the upper triangle only halves the work and makes the symmetry exact.
-    """
-    n, T, d = X.shape
-    H = np.empty((n, T, T))
-    for mu in prange(n):
-        for a in range(T):
-            for b in range(a, T):
-                s = 0.0
-                for i in range(d):
-                    s += X[mu, a, i] * Y[mu, b, i]
-                H[mu, a, b] = s
-                H[mu, b, a] = s
-    return H
 
 
 def pair_contract_numpy(X, Y):
@@ -85,33 +68,13 @@ def pair_contract_numpy(X, Y):
     return np.triu(H) + np.swapaxes(np.triu(H, 1), 1, 2)
 
 
-@njit(cache=True, parallel=True)
-def mix_tokens_into(G, X, B):
-    """``B[mu] = G[mu] @ X[mu]`` (``(T, T) @ (T, d)`` per sample), written into ``B``."""
-    n, T, d = X.shape
-    for mu in prange(n):
-        for a in range(T):
-            g = G[mu, a, 0]
-            for i in range(d):
-                B[mu, a, i] = g * X[mu, 0, i]
-            for b in range(1, T):
-                g = G[mu, a, b]
-                for i in range(d):
-                    B[mu, a, i] += g * X[mu, b, i]
-    return B
-
-
-def mix_tokens(G, X):
-    """``B[mu] = G[mu] @ X[mu]`` into a fresh array (see :func:`mix_tokens_into`)."""
-    return mix_tokens_into(G, X, np.empty(X.shape))
-
-
 def mix_tokens_numpy(G, X):
     return np.einsum("nab,nbi->nai", G, X)
 
 
 # Adjoint by symmetric rank-k updates: per-sample eigendecomposition of the symmetric part of G
-# (cyclic Jacobi), rows sqrt|lam_k| v_k^T X_mu packed by sign, then P^T P - N^T N (dsyrk).
+# (cyclic Jacobi), rows sqrt|lam_k| v_k^T X_mu packed by sign, then P^T P - N^T N (syrk; the
+# packing and the syrk calls are in backproject_syrk_blocked below).
 
 JACOBI_MAX_SWEEPS = 50  # T <= 8 converges in < 10 sweeps; the cap only bounds pathological input
 EIG_LANES = 32  # samples diagonalised in lock-step (SIMD over samples)
@@ -295,84 +258,6 @@ def sym_eig_numpy(G):
     return np.linalg.eigh(0.5 * (G + np.swapaxes(G, 1, 2)))
 
 
-@njit(cache=True)
-def eig_row_offsets(lam):
-    """Where :func:`pack_eig_rows` writes each sample's rows, from the eigenvalues ``lam (n, T)``.
-
-    Rows with ``lam < 0`` are negative; rows with ``lam != 0`` otherwise (NaN included, so NaN
-    propagates into M) are positive; zeros are dropped.  Returns ``(pos_start, neg_start, n_pos,
-    n_neg)``: sample mu's positive rows start at row ``pos_start[mu]`` (block ``[0, n_pos)``), its
-    negative rows at ``neg_start[mu]`` (block ``[nT - n_neg, nT)``).  Exclusive prefix sums, so
-    the packing can run in parallel over samples.
-    """
-    n, T = lam.shape
-    pos_start = np.empty(n, dtype=np.int64)
-    neg_start = np.empty(n, dtype=np.int64)
-    n_pos = 0
-    n_neg = 0
-    for mu in range(n):
-        pos_start[mu] = n_pos
-        neg_start[mu] = n_neg
-        for k in range(T):
-            lk = lam[mu, k]
-            if lk < 0.0:
-                n_neg += 1
-            elif lk != 0.0:
-                n_pos += 1
-    first_neg = n * T - n_neg
-    for mu in range(n):
-        neg_start[mu] += first_neg
-    return pos_start, neg_start, n_pos, n_neg
-
-
-def eig_row_offsets_numpy(lam):
-    n, T = lam.shape
-    neg = lam < 0.0
-    pos = ~neg & (lam != 0.0)
-    npos = pos.sum(axis=1)
-    nneg = neg.sum(axis=1)
-    n_pos = int(npos.sum())
-    n_neg = int(nneg.sum())
-    pos_start = np.concatenate([[0], np.cumsum(npos)[:-1]])
-    neg_start = np.concatenate([[0], np.cumsum(nneg)[:-1]]) + n * T - n_neg
-    return pos_start, neg_start, n_pos, n_neg
-
-
-@njit(cache=True, parallel=True)
-def pack_eig_rows(X, lam, V, pos_start, neg_start, W):
-    """Rows ``u_mu,k = sqrt|lam_mu,k| V_mu[:, k]^T X_mu`` (length d) written into ``W (nT, d)``.
-
-    Sample mu's rows with ``lam < 0`` go to ``W[neg_start[mu]:]``, those with ``lam != 0``
-    otherwise to ``W[pos_start[mu]:]``, in order of k (offsets from :func:`eig_row_offsets`);
-    rows of zero eigenvalues are not written.  Then ``sum_mu X_mu^T V_mu diag(lam_mu) V_mu^T X_mu
-    = P^T P - N^T N`` with P, N the positive and negative blocks.
-    """
-    n, T, d = X.shape
-    for mu in prange(n):
-        ip = pos_start[mu]
-        ineg = neg_start[mu]
-        for k in range(T):
-            lk = lam[mu, k]
-            if lk < 0.0:
-                row = ineg
-                ineg += 1
-                s = np.sqrt(-lk)
-            elif lk != 0.0:
-                row = ip
-                ip += 1
-                s = np.sqrt(lk)
-            else:
-                continue
-            g = s * V[mu, 0, k]
-            for i in range(d):
-                W[row, i] = g * X[mu, 0, i]
-            for a in range(1, T):
-                g = s * V[mu, a, k]
-                for i in range(d):
-                    W[row, i] += g * X[mu, a, i]
-    return W
-
-
 def pack_eig_rows_numpy(X, lam, V):
     """Twin of :func:`pack_eig_rows`: returns the blocks ``(P, N)`` (rows in the same order)."""
     rows = np.sqrt(np.abs(lam))[:, :, None] * np.einsum("nak,nai->nki", V, X)
@@ -381,50 +266,7 @@ def pack_eig_rows_numpy(X, lam, V):
     return rows[pos], rows[neg]
 
 
-def syrk_difference(P, N):
-    """``P^T P - N^T N`` for row blocks ``P (p, d)``, ``N (m, d)`` (C-contiguous), exactly symmetric.
-
-    Two BLAS ``dsyrk`` calls on the F-contiguous transposes (no copy of the blocks), accumulating
-    into one d x d upper triangle, which is then mirrored.  Empty blocks are skipped.  Returns a
-    C-contiguous (d, d) array.
-    """
-    d = P.shape[1]
-    C = None
-    if P.shape[0] > 0:
-        C = dsyrk(1.0, P.T, trans=0, lower=0)
-    if N.shape[0] > 0:
-        if C is None:
-            C = dsyrk(-1.0, N.T, trans=0, lower=0)
-        else:
-            C = dsyrk(-1.0, N.T, beta=1.0, c=C, trans=0, lower=0, overwrite_c=1)
-    if C is None:
-        return np.zeros((d, d))
-    Ct = C.T  # C is F-contiguous with the upper triangle valid: Ct is C-contiguous, lower valid
-    M = np.tril(Ct)
-    M += np.tril(Ct, -1).T
-    return np.ascontiguousarray(M)
-
-
 # Factored forward: S = F diag(sigma) F^T
-
-
-@njit(cache=True, parallel=True)
-def pair_contract_weighted(Y, sigma):
-    """``H[mu, a, b] = sum_i sigma_i Y[mu, a, i] Y[mu, b, i]`` for a <= b, mirrored (exactly symmetric).
-
-    ``Y (n, T, r)``, ``sigma (r,)``; r = 0 gives zeros.
-    """
-    n, T, r = Y.shape
-    H = np.empty((n, T, T))
-    for mu in prange(n):
-        for a in range(T):
-            for b in range(a, T):
-                s = 0.0
-                for i in range(r):
-                    s += sigma[i] * Y[mu, a, i] * Y[mu, b, i]
-                H[mu, a, b] = s
-                H[mu, b, a] = s
-    return H
 
 
 def pair_contract_weighted_numpy(Y, sigma):
@@ -502,3 +344,213 @@ def sample_gram_numpy(X):
     A[:, ia == ib] -= np.eye(d)
     A /= c[None, :, None, None] * np.sqrt(d)
     return np.einsum("nkij,nlij->nkl", A, A) * 2.0 / (d + 1.0)
+
+
+# --------------------------------------------------------------------------------------------
+# Blocked kernels: the GEMMs inside Numba, one block of samples at a time (no n T d buffer)
+# --------------------------------------------------------------------------------------------
+#
+# Each block of ``block`` samples is one BLAS call made from a Numba thread (``np.dot`` /
+# ``?syrk`` through scipy's ``cython_blas``), so BLAS runs single-threaded inside a parallel loop
+# over blocks: the caller (:class:`~amp_attention.operator.SensingOperator`) limits BLAS to one
+# thread around these calls.  Memory is one ``(block T, d)`` temporary per running block instead
+# of an ``(n, T, d)`` work buffer.  Block sizes depend on (T, d) only and the adjoint sums a fixed
+# number of partial matrices in a fixed order, so results do not depend on the thread count.
+# Tokens may be float32 (GEMMs in float32) or float64; every sum over samples is in float64.
+
+ADJOINT_CHUNKS = 16  # partial (d, d) sums of the adjoint (fixed: results independent of threads)
+BLOCK_BYTES = 1 << 20  # about this many bytes of tokens per block
+
+
+def block_size(T: int, d: int, itemsize: int = 8) -> int:
+    """Samples per block: about :data:`BLOCK_BYTES` of tokens, at least 1 (depends on T, d only)."""
+    return max(1, BLOCK_BYTES // (T * d * itemsize))
+
+
+#: addresses of BLAS ``dsyrk`` / ``ssyrk`` (scipy's ``cython_blas``), looked up at import; passed to
+#: the kernels as arguments (an address baked into cached machine code would be stale next run).
+SYRK_ADDRESS = {
+    np.dtype(np.float64): get_cython_function_address("scipy.linalg.cython_blas", "dsyrk"),
+    np.dtype(np.float32): get_cython_function_address("scipy.linalg.cython_blas", "ssyrk"),
+}
+
+
+@intrinsic
+def _call_fortran10(typingctx, fn, a0, a1, a2, a3, a4, a5, a6, a7, a8, a9):
+    """Call the Fortran-ABI routine at address ``fn`` with ten pointer arguments (given as ints)."""
+    sig = types.void(types.intp, *([types.intp] * 10))
+
+    def codegen(context, builder, signature, args):
+        ptr = ir.IntType(8).as_pointer()
+        fnty = ir.FunctionType(ir.VoidType(), [ptr] * 10)
+        f = builder.inttoptr(args[0], fnty.as_pointer())
+        builder.call(f, [builder.inttoptr(x, ptr) for x in args[1:]])
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@njit(cache=True)
+def syrk_into(P, C, alpha, syrk_address):
+    """``C = alpha P^T P`` on the upper triangle of the C-contiguous ``C (d, d)`` (lower: untouched).
+
+    ``P (p, d)`` C-contiguous, same dtype as C; ``syrk_address`` is ``SYRK_ADDRESS[P.dtype]``.  The
+    row-major P is the column-major ``(d, p)`` matrix P^T, so ``syrk('L', 'N')`` gives ``P^T P`` in
+    the column-major lower triangle, which is the row-major upper one.
+    """
+    p, d = P.shape
+    chars = np.array([76, 78], dtype=np.uint8)  # 'L', 'N'
+    ints = np.array([d, p, d, d], dtype=np.int32)
+    sc = np.empty(2, dtype=P.dtype)
+    sc[0] = alpha
+    sc[1] = 0.0
+    _call_fortran10(syrk_address, chars[0:].ctypes.data, chars[1:].ctypes.data, ints[0:].ctypes.data,
+                    ints[1:].ctypes.data, sc[0:].ctypes.data, P.ctypes.data, ints[2:].ctypes.data,
+                    sc[1:].ctypes.data, C.ctypes.data, ints[3:].ctypes.data)
+
+
+@njit(cache=True, parallel=True)
+def forward_blocked(X, S, block):
+    """``H[mu, a, b] = x_mu,a^T S x_mu,b`` (upper triangle mirrored), ``(n, T, T)`` float64.
+
+    Per block: ``Y = X_block S`` (one GEMM in X's dtype, S cast to it by the caller), then the
+    pair contractions in float64.  Twin: :func:`pair_contract_numpy` of ``X S``.
+    """
+    n, T, d = X.shape
+    H = np.empty((n, T, T))
+    nb = (n + block - 1) // block
+    for ib in prange(nb):
+        lo = ib * block
+        hi = min(n, lo + block)
+        Xb = np.ascontiguousarray(X[lo:hi]).reshape(((hi - lo) * T, d))
+        Y = np.dot(Xb, S)
+        for j in range(hi - lo):
+            for a in range(T):
+                for b in range(a, T):
+                    s = 0.0
+                    for i in range(d):
+                        s += np.float64(Xb[j * T + a, i]) * np.float64(Y[j * T + b, i])
+                    H[lo + j, a, b] = s
+                    H[lo + j, b, a] = s
+    return H
+
+
+@njit(cache=True, parallel=True)
+def forward_factored_blocked(X, F, sigma, block):
+    """``H[mu, a, b] = sum_i sigma_i (x_mu,a^T F_i)(x_mu,b^T F_i)``, ``(n, T, T)`` float64.
+
+    Per block: ``Y = X_block F`` (one GEMM, F ``(d, r)`` in X's dtype), then weighted pair sums in
+    float64.  Twin: :func:`pair_contract_weighted_numpy` of ``X F``.
+    """
+    n, T, d = X.shape
+    r = F.shape[1]
+    H = np.empty((n, T, T))
+    nb = (n + block - 1) // block
+    for ib in prange(nb):
+        lo = ib * block
+        hi = min(n, lo + block)
+        Xb = np.ascontiguousarray(X[lo:hi]).reshape(((hi - lo) * T, d))
+        Y = np.dot(Xb, F)
+        for j in range(hi - lo):
+            for a in range(T):
+                for b in range(a, T):
+                    s = 0.0
+                    for i in range(r):
+                        s += sigma[i] * np.float64(Y[j * T + a, i]) * np.float64(Y[j * T + b, i])
+                    H[lo + j, a, b] = s
+                    H[lo + j, b, a] = s
+    return H
+
+
+@njit(cache=True, parallel=True)
+def backproject_gemm_blocked(G, X, block, chunks):
+    """``sum_mu X_mu^T G_mu X_mu`` ``(d, d)`` float64 (not symmetrised; no trace part, no scale).
+
+    Per block ``B = G_block X_block`` then one GEMM ``X_block^T B`` added to one of ``chunks``
+    float64 partial sums (block ``ib`` -> partial ``ib % chunks``), summed in order at the end.
+    Twin: :func:`mix_tokens_numpy` + one GEMM.
+    """
+    n, T, d = X.shape
+    nb = (n + block - 1) // block
+    nc = min(chunks, nb)
+    parts = np.zeros((nc, d, d))
+    for c in prange(nc):
+        for ib in range(c, nb, nc):
+            lo = ib * block
+            hi = min(n, lo + block)
+            m = hi - lo
+            Xb = np.ascontiguousarray(X[lo:hi]).reshape((m * T, d))
+            B = np.empty((m * T, d), dtype=X.dtype)
+            for j in range(m):
+                for a in range(T):
+                    for i in range(d):
+                        s = 0.0
+                        for b in range(T):
+                            s += G[lo + j, a, b] * Xb[j * T + b, i]
+                        B[j * T + a, i] = s
+            parts[c] += np.dot(Xb.T, B)
+    M = parts[0].copy()
+    for c in range(1, nc):
+        M += parts[c]
+    return M
+
+
+@njit(cache=True, parallel=True)
+def backproject_syrk_blocked(X, lam, V, block, chunks, syrk_address):
+    """``sum_mu X_mu^T V_mu diag(lam_mu) V_mu^T X_mu = P^T P - N^T N``, ``(d, d)`` float64, exactly symmetric.
+
+    ``lam (n, T)``, ``V (n, T, T)`` from :func:`sym_eig`; ``syrk_address = SYRK_ADDRESS[X.dtype]``.  Per block, the rows
+    ``sqrt|lam_k| v_k^T X_mu`` are packed by the sign of ``lam_k`` (zeros dropped) into two block
+    buffers P, N (X's dtype), and ``P^T P``, ``N^T N`` (BLAS ``syrk``, upper triangle) are added to
+    one of ``chunks`` float64 partial sums, summed in order at the end and mirrored.
+    Twin: :func:`pack_eig_rows_numpy` + ``P^T P - N^T N``.
+    """
+    n, T, d = X.shape
+    nb = (n + block - 1) // block
+    nc = min(chunks, nb)
+    parts = np.zeros((nc, d, d))
+    for c in prange(nc):
+        P = np.empty((block * T, d), dtype=X.dtype)
+        N = np.empty((block * T, d), dtype=X.dtype)
+        C = np.empty((d, d), dtype=X.dtype)
+        for ib in range(c, nb, nc):
+            lo = ib * block
+            hi = min(n, lo + block)
+            ip = 0
+            ineg = 0
+            for mu in range(lo, hi):
+                for k in range(T):
+                    lk = lam[mu, k]
+                    if lk < 0.0:
+                        s = np.sqrt(-lk)
+                        for i in range(d):
+                            acc = 0.0
+                            for a in range(T):
+                                acc += V[mu, a, k] * X[mu, a, i]
+                            N[ineg, i] = s * acc
+                        ineg += 1
+                    elif lk != 0.0:
+                        s = np.sqrt(lk)
+                        for i in range(d):
+                            acc = 0.0
+                            for a in range(T):
+                                acc += V[mu, a, k] * X[mu, a, i]
+                            P[ip, i] = s * acc
+                        ip += 1
+            if ip > 0:
+                syrk_into(P[:ip], C, 1.0, syrk_address)
+                for i in range(d):
+                    for j in range(i, d):
+                        parts[c, i, j] += C[i, j]
+            if ineg > 0:
+                syrk_into(N[:ineg], C, 1.0, syrk_address)
+                for i in range(d):
+                    for j in range(i, d):
+                        parts[c, i, j] -= C[i, j]
+    M = parts[0].copy()
+    for c in range(1, nc):
+        M += parts[c]
+    for i in range(d):
+        for j in range(i + 1, d):
+            M[j, i] = M[i, j]
+    return M

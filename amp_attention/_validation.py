@@ -46,9 +46,21 @@ def check_T(T) -> int:
     return int(T)
 
 
-def check_tokens(X) -> np.ndarray:
-    """Tokens ``X`` of shape ``(n, T, d)``, n >= 1, 1 <= T <= 8, d >= 1, finite -> float64, C-contiguous."""
-    X = as_float_array(X, "X", ndim=3)
+def check_tokens(X, keep_float32: bool = False) -> np.ndarray:
+    """Tokens ``X`` of shape ``(n, T, d)``, n >= 1, 1 <= T <= 8, d >= 1, finite -> float64, C-contiguous.
+
+    ``keep_float32``: a float32 array stays float32 (no copy when C-contiguous), for the float32
+    operator; anything else becomes float64.
+    """
+    if keep_float32 and isinstance(X, np.ndarray) and X.dtype == np.float32:
+        if X.ndim != 3:
+            raise ValueError(f"X must be 3-dimensional, got shape {X.shape}")
+        if X.size == 0:
+            raise ValueError(f"X must not be empty, got shape {X.shape}")
+        if not np.all(np.isfinite(X)):
+            raise ValueError("X contains NaN or inf")
+    else:
+        X = as_float_array(X, "X", ndim=3)
     check_T(X.shape[1])
     return np.ascontiguousarray(X)
 

@@ -20,8 +20,10 @@ minimiser of §4 whatever the variances, which is what tests/test_fixed_point.py
 How the steps are computed (the equations are unchanged; tests/test_amp.py compares the iterates
 with a plain transcription that materialises the sensing matrices, tests/naive.py):
 
-- the sensing operator (:class:`~amp_attention.operator.SensingOperator`) is built once from X and
-  owns the one ``n T d`` work buffer of the run;
+- the sensing operator (:class:`~amp_attention.operator.SensingOperator`) is built once from X; it
+  works one block of samples at a time, with the GEMMs inside Numba threads, so no ``n T d``
+  intermediate exists and the whole loop runs with BLAS limited to one thread
+  (:mod:`amp_attention.threads`); float32 tokens give float32 GEMMs and float64 everything else;
 - steps 2-3: ``Gamma_mu`` is validated and Cholesky-factored once per run
   (:class:`~amp_attention.variance.GramVariance`); the output factor's ``g_out_gram`` returns ``g``
   and ``Tr(Gamma_mu dg_mu)`` (the cross-entropy kernel never forms the ``(n, K, K)`` Jacobian),
@@ -43,8 +45,8 @@ from .factors import InputFactor, OutputFactor
 from .losses import gram_g_out
 from .loop import Loop
 from .operator import SensingOperator
+from .threads import single_threaded_blas
 from .variance import GramVariance
-from .whitening import n_pairs
 
 __all__ = ["AMPResult", "gamp", "HISTORY_KEYS"]
 
@@ -116,18 +118,24 @@ def gamp(
     Non-finite iterates stop the loop with ``diverged=True`` and the last finite state kept;
     stopping at ``max_iter`` with ``tol > 0`` warns (:class:`sklearn.exceptions.ConvergenceWarning`).
     """
-    op = SensingOperator(X)  # X validated once; op owns the one n T d work buffer of the run
-    n, T, d = op.n, op.T, op.d
-    K = n_pairs(T)
+    op = SensingOperator(X)  # X validated once (float32 tokens stay float32: float32 GEMMs)
+    K = op.K
     if variance == "sample":
         gram = GramVariance(op.gram())  # Gamma_mu validated and Cholesky-factored once
     elif variance == "scalar":
         gram = GramVariance(np.eye(K))
     else:
         raise ValueError(f"variance must be 'sample' or 'scalar', got {variance!r}")
-    Gamma = gram.gamma if not gram.shared else gram.gamma[0]
     loop = Loop(HISTORY_KEYS, max_iter=max_iter, tol=tol, damping=damping, callback=callback)
 
+    with single_threaded_blas():  # the GEMMs run inside Numba threads (amp_attention.threads)
+        return _gamp_loop(op, gram, y, loss, denoiser, loop, V0, S_star)
+
+
+def _gamp_loop(op, gram, y, loss, denoiser, loop, V0, S_star):
+    """The six steps of the module docstring, iterated by ``loop``; returns the :class:`AMPResult`."""
+    n, d, K = op.n, op.d, op.K
+    Gamma = gram.gamma if not gram.shared else gram.gamma[0]
     S = np.zeros((d, d))
     V = float(V0)
     g_prev = np.zeros((n, K))

@@ -1,24 +1,34 @@
 """The matrix-free sensing operator and its adjoint (docs/theory.md §3 and §5).
 
-:class:`SensingOperator` is built once from the tokens ``X (n, T, d)``: it validates X once, owns
-one reusable float64 work buffer of X's shape for every ``n T d`` GEMM intermediate, and applies
-the maps below.  The free functions (:func:`preactivations`, :func:`backproject`,
-:func:`forward_whitened`, :func:`adjoint_whitened`, :func:`sample_gram`) are thin wrappers that
-build an operator and call one method.  The Numba kernels and their NumPy twins live in the
-private module :mod:`amp_attention._operator_kernels`.
+:class:`SensingOperator` is built once from the tokens ``X (n, T, d)``: it validates X once and
+applies the maps below, one block of samples at a time.  The free functions
+(:func:`preactivations`, :func:`backproject`, :func:`forward_whitened`, :func:`adjoint_whitened`,
+:func:`sample_gram`) are thin wrappers that build an operator and call one method.  The Numba
+kernels and their NumPy twins live in the private module :mod:`amp_attention._operator_kernels`.
+
+Blocking and threads: the samples are cut into blocks of about 1 MiB of tokens (the block size
+depends on T, d and the dtype only); a Numba loop, parallel over blocks, issues one BLAS call per
+block from its own thread, with BLAS limited to one thread meanwhile
+(:func:`amp_attention.threads.single_threaded_blas`).  Memory beyond X and the results is one
+``(block T, d)`` temporary per running thread (and, for the adjoint, 16 partial ``(d, d)`` sums);
+no ``(n, T, d)`` intermediate is ever formed.  The adjoint sums its 16 partials in a fixed order,
+so results do not depend on the thread count.
+
+dtype: float64 tokens (default), or float32 tokens kept as float32 (``X`` given as a float32
+array): the GEMMs then run in float32 (``S``, ``F`` are cast to float32 for them), while every sum
+over samples and every result (``H``, ``M``, Gram matrices) is float64.
 
 Forward ``preactivations(S) -> H (n, T, T)`` (§3)::
 
     H_ab = (x_a^T S x_b - delta_ab Tr S) / sqrt(d)
 
-computed as the GEMM ``Y = X.reshape(nT, d) @ S`` (into the work buffer) followed by per-sample
-``T x T`` contractions ``H_mu = X_mu Y_mu^T`` (Numba, parallel over samples, upper triangle
-mirrored so H is exactly symmetric).
+computed per block as the GEMM ``Y = X_block.reshape(bT, d) @ S`` followed by per-sample ``T x T``
+contractions ``H_mu = X_mu Y_mu^T`` (upper triangle mirrored so H is exactly symmetric).
 
 Factored forward ``preactivations_factored(F, sigma)`` for ``S = F diag(sigma) F^T`` with
-``F (d, r)`` (e.g. the low-rank output of the nuclear denoiser): ``Y = X.reshape(nT, d) @ F``
-(GEMM, ``2 nT d r`` flops instead of ``2 nT d^2``), then the weighted contractions
-``H_mu,ab = sum_i sigma_i Y_mu,a,i Y_mu,b,i`` (Numba), minus ``delta_ab Tr S`` with
+``F (d, r)`` (e.g. the low-rank output of the nuclear denoiser): per block ``Y = X_block F`` (GEMM,
+``2 nT d r`` flops in all instead of ``2 nT d^2``), then the weighted contractions
+``H_mu,ab = sum_i sigma_i Y_mu,a,i Y_mu,b,i``, minus ``delta_ab Tr S`` with
 ``Tr S = sum_i sigma_i ||F_:,i||^2``, over sqrt(d).
 
 Adjoint ``backproject(G) -> M (d, d)`` (§3)::
@@ -29,16 +39,14 @@ Only the symmetric part ``Gs_mu = (G_mu + G_mu^T)/2`` matters.  Two paths, same 
 rounding (``method="auto"`` picks by shape, :attr:`SensingOperator.adjoint_method`):
 
 - ``"syrk"`` (d >= 60 + 10 T): per sample ``Gs_mu = sum_k lam_k v_k v_k^T`` (cyclic Jacobi on the
-  ``T x T`` matrix, Numba, samples in SIMD lock-step), and the rows ``u_k = sqrt|lam_k| v_k^T X_mu``
-  (length d) are packed into the ``(nT, d)`` work buffer: rows with ``lam_k > 0`` in a block P at
-  the front, rows with ``lam_k < 0`` in a block N at the back (zero eigenvalues are dropped; prefix
-  counts let the packing run in parallel over samples).  Then
-  ``sum_mu X_mu^T Gs_mu X_mu = P^T P - N^T N``: two symmetric rank-k updates (BLAS ``dsyrk`` on the
-  F-contiguous transposes of the blocks, no copy; upper triangle, mirrored so M is exactly
-  symmetric), half the flops of the GEMM below;
+  ``T x T`` matrix, Numba, samples in SIMD lock-step); per block the rows
+  ``u_k = sqrt|lam_k| v_k^T X_mu`` (length d) are packed by the sign of ``lam_k`` into two row
+  blocks P and N (zero eigenvalues dropped), and ``sum_mu X_mu^T Gs_mu X_mu = P^T P - N^T N``:
+  symmetric rank-k updates (BLAS ``syrk``, upper triangle, mirrored so M is exactly symmetric),
+  half the flops of the GEMM below;
 - ``"gemm"`` (the form of docs/theory.md §3, faster at small d where the per-sample
-  eigendecomposition is not repaid): ``B_mu = G_mu X_mu`` (Numba, into the work buffer) and one
-  GEMM ``X.reshape(nT, d).T @ B``, symmetrised.
+  eigendecomposition is not repaid): per block ``B_mu = G_mu X_mu`` and one GEMM
+  ``X_block^T B``, symmetrised.
 
 Both then subtract the trace part ``sum_mu Tr G_mu I`` and scale by 1/sqrt(d).
 Adjoint means ``sum(H(S) * G) == Tr(S M(G))`` for symmetric S.
@@ -53,11 +61,7 @@ dtype, finiteness, symmetry of S) and names it in the ``ValueError``; ``check=Fa
 for arguments the caller already knows to be float64 arrays of the right shape (S symmetric),
 e.g. GAMP's iterates.  :meth:`SensingOperator.check_S` etc. are the checks the methods run, for
 validating once up front.  With ``check=False`` a method does no copy and no O(d^2) scan beyond
-the computation itself.
-
-No per-sample d x d matrix is ever formed; memory is O(n T d).  The work buffer makes an operator
-non-reentrant: do not call one instance from several threads at once.  No result is a view of the
-buffer.
+the computation itself.  No per-sample d x d matrix is ever formed.
 """
 
 from __future__ import annotations
@@ -66,6 +70,7 @@ import numpy as np
 
 from . import _operator_kernels as _k
 from ._validation import as_float_array, check_symmetric, check_tokens
+from .threads import single_threaded_blas
 from .whitening import pair_indices
 
 __all__ = [
@@ -85,12 +90,12 @@ class SensingOperator:
     Parameters
     ----------
     X : (n, T, d) tokens, n >= 1, 1 <= T <= 8, d >= 1, finite.  Converted once to a C-contiguous
-        float64 array (no copy if it already is one).
+        float64 array (no copy if it already is one); a float32 array stays float32 (the GEMMs
+        then run in float32, the sums over samples in float64; see the module docstring).
     check : if False, X is trusted to be exactly that already (no scan, no copy).
 
     Attributes: ``n, T, d, K`` (``K = T (T+1)/2`` whitened coordinates per sample), ``X`` (the
-    validated tokens), ``work`` (the reusable ``(n, T, d)`` float64 buffer that holds every GEMM
-    intermediate; allocated once, its content between calls is unspecified), ``adjoint_method``.
+    validated tokens), ``dtype``, ``block`` (samples per block), ``adjoint_method``.
 
     Methods (``check=True``: the argument is validated and a bad one raises a ``ValueError`` naming
     it; ``check=False``: it is used as given, see the module docstring):
@@ -103,7 +108,7 @@ class SensingOperator:
     - ``gram() -> (n, K, K)``, computed on the first call and cached.
 
     ``sum(preactivations(S) * G) == Tr(S backproject(G))`` and ``sum(forward(S) * w) ==
-    Tr(S adjoint(w))`` up to rounding.  Not thread-safe (one shared work buffer).
+    Tr(S adjoint(w))`` up to rounding.  Methods may be called from several threads at once.
     """
 
     #: Shape rule of the ``"auto"`` adjoint (measured at one thread, d x alpha d^2 samples): the
@@ -115,15 +120,12 @@ class SensingOperator:
 
     def __init__(self, X, *, check: bool = True):
         if check:
-            X = check_tokens(X)
+            X = check_tokens(X, keep_float32=True)
         n, T, d = X.shape
         self._X = X
         self._n, self._T, self._d = n, T, d
         self._ia, self._ib, self._c = pair_indices(T)
-        self._work = np.empty(X.shape)
-        # (nT, d) views of X and of the buffer for the GEMMs
-        self._X2 = X.reshape(n * T, d)
-        self._work2 = self._work.reshape(n * T, d)
+        self._block = _k.block_size(T, d, X.itemsize)
         self._gamma = None
 
     def __repr__(self):
@@ -157,9 +159,14 @@ class SensingOperator:
         return self._X
 
     @property
-    def work(self) -> np.ndarray:
-        """The reusable ``(n, T, d)`` work buffer (same object for the operator's lifetime)."""
-        return self._work
+    def dtype(self) -> np.dtype:
+        """The tokens' dtype (float64, or float32 when X was given in float32): the GEMMs' dtype."""
+        return self._X.dtype
+
+    @property
+    def block(self) -> int:
+        """Samples per block of the blocked kernels (depends on T, d and the dtype only)."""
+        return self._block
 
     @property
     def adjoint_method(self) -> str:
@@ -209,9 +216,9 @@ class SensingOperator:
         (docs/theory.md §3); H is exactly symmetric."""
         if check:
             S = check_symmetric(S, "S", d=self._d)
-        n, T, d = self._n, self._T, self._d
-        Y = np.matmul(self._X2, S, out=self._work2)
-        H = _k.pair_contract(self._X, Y.reshape(n, T, d))
+        T, d = self._T, self._d
+        with single_threaded_blas():
+            H = _k.forward_blocked(self._X, np.ascontiguousarray(S, dtype=self._X.dtype), self._block)
         tr = np.trace(S)
         for a in range(T):
             H[:, a, a] -= tr
@@ -227,9 +234,7 @@ class SensingOperator:
     def preactivations_factored(self, F, sigma=None, *, check: bool = True) -> np.ndarray:
         """:meth:`preactivations` of ``S = F diag(sigma) F^T``, ``F (d, r)``, ``sigma (r,)`` -> ``(n, T, T)``.
 
-        Any r >= 0 (r > d allowed); ``sigma=None`` means ones (``S = F F^T``).  When ``r <= d`` the
-        first ``n T r`` entries of the work buffer, viewed as ``(nT, r)``, hold ``Y = X F`` (else Y
-        is allocated).  Equals ``preactivations(F diag(sigma) F^T)`` up to rounding, in ``2 nT d r``
+        Any r >= 0 (r > d allowed); ``sigma=None`` means ones (``S = F F^T``).  Equals ``preactivations(F diag(sigma) F^T)`` up to rounding, in ``2 nT d r``
         flops for the GEMM instead of ``2 nT d^2``; H is exactly symmetric.  With ``check=False``
         sigma may be any real array (converted to float64 here).
         """
@@ -237,14 +242,11 @@ class SensingOperator:
             F, sigma = self.check_factor(F, sigma)
         elif sigma is None:
             sigma = np.ones(F.shape[1])
-        n, T, d = self._n, self._T, self._d
-        r = F.shape[1]
+        T, d = self._T, self._d
         sigma = np.ascontiguousarray(sigma, dtype=np.float64)
-        if r > d:
-            Y = self._X2 @ F
-        else:
-            Y = np.matmul(self._X2, F, out=self._work.reshape(-1)[: n * T * r].reshape(n * T, r))
-        H = _k.pair_contract_weighted(Y.reshape(n, T, r), sigma)
+        with single_threaded_blas():
+            H = _k.forward_factored_blocked(self._X, np.ascontiguousarray(F, dtype=self._X.dtype), sigma,
+                                            self._block)
         tr = float(np.einsum("ij,ij->j", F, F) @ sigma)  # Tr S = sum_i sigma_i ||F[:, i]||^2
         for a in range(T):
             H[:, a, a] -= tr
@@ -265,8 +267,7 @@ class SensingOperator:
         ``G (n, T, T)`` (need not be symmetric) -> the C-contiguous, exactly symmetric ``(d, d)`` M
         with ``sum(preactivations(S) * G) == Tr(S M)`` (docs/theory.md §3).  ``method``: ``"syrk"``
         (symmetric rank-k updates, half the flops), ``"gemm"`` or ``"auto"``
-        (:attr:`adjoint_method`); see the module docstring.  The result does not depend on the
-        buffer's previous content.
+        (:attr:`adjoint_method`); see the module docstring.
         """
         if check:
             G = self.check_G(G)
@@ -280,15 +281,13 @@ class SensingOperator:
 
     def _backproject_syrk(self, G):
         """``Gs_mu = V diag(lam) V^T`` per sample (:func:`~._operator_kernels.sym_eig`), rows
-        ``sqrt|lam_k| v_k^T X_mu`` packed by sign into the work buffer (rows of zero eigenvalues are
-        neither written nor read, so stale content does not matter), then ``P^T P - N^T N``
-        (:func:`~._operator_kernels.syrk_difference`), minus the trace part, over sqrt(d)."""
-        n, T, d = self._n, self._T, self._d
+        ``sqrt|lam_k| v_k^T X_mu`` packed by sign per block, ``P^T P - N^T N`` summed over blocks
+        (:func:`~._operator_kernels.backproject_syrk_blocked`), minus the trace part, over sqrt(d)."""
+        T, d = self._T, self._d
         lam, V = _k.sym_eig(G)
-        pos_start, neg_start, n_pos, n_neg = _k.eig_row_offsets(lam)
-        W = self._work2
-        _k.pack_eig_rows(self._X, lam, V, pos_start, neg_start, W)
-        M = _k.syrk_difference(W[:n_pos], W[n * T - n_neg :])
+        with single_threaded_blas():
+            M = _k.backproject_syrk_blocked(self._X, lam, V, self._block, _k.ADJOINT_CHUNKS,
+                                            _k.SYRK_ADDRESS[self._X.dtype])
         tr = 0.0
         for a in range(T):
             tr += G[:, a, a].sum()
@@ -297,11 +296,12 @@ class SensingOperator:
         return M
 
     def _backproject_gemm(self, G):
-        """The GEMM form (docs/theory.md §3): ``B_mu = G_mu X_mu`` (Numba, into the work buffer), then
-        ``X.reshape(nT, d).T @ B``, symmetrised, minus the trace part, over sqrt(d)."""
-        n, T, d = self._n, self._T, self._d
-        B = _k.mix_tokens_into(G, self._X, self._work)
-        M = self._X2.T @ B.reshape(n * T, d)
+        """The GEMM form (docs/theory.md §3): per block ``B_mu = G_mu X_mu`` and ``X_block^T B``, summed
+        over blocks (:func:`~._operator_kernels.backproject_gemm_blocked`), symmetrised, minus the
+        trace part, over sqrt(d)."""
+        T, d = self._T, self._d
+        with single_threaded_blas():
+            M = _k.backproject_gemm_blocked(G, self._X, self._block, _k.ADJOINT_CHUNKS)
         M = 0.5 * (M + M.T)
         tr = 0.0
         for a in range(T):
