@@ -51,7 +51,7 @@ def amp_iteration_ratios(d: int, T: int, alpha: float, loss: str = "cross_entrop
 
     rng = np.random.default_rng(seed)
     teacher = aa.Teacher.wishart(d, 0.5, rng)
-    n = int(round(alpha * d * d))
+    n = max(1, int(round(alpha * d * d)))
     data = aa.sample_data(n, T, teacher, aa.SoftmaxChannel(1.0), rng)
     loss_obj, den = make_loss(loss, 1.0), make_denoiser(reg, lam)
     warm = 3

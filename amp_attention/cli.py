@@ -14,9 +14,11 @@ import json
 import math
 import sys
 import time
+import warnings
 
 import numpy as np
 
+from amp_attention import _cli_options as opt
 from amp_attention.sweep import progress_bar
 
 
@@ -28,49 +30,14 @@ __all__ = ["main", "build_parser"]
 # --------------------------------------------------------------------------------------------
 
 
-def _positive_float(s):
-    v = float(s)
-    if not math.isfinite(v) or v <= 0:
-        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {s!r}")
-    return v
-
-
-def _nonneg_float(s):
-    v = float(s)
-    if not math.isfinite(v) or v < 0:
-        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {s!r}")
-    return v
-
-
-def _damping(s):
-    if s == "auto":
-        return s
-    v = _nonneg_float(s)
-    if v >= 1:
-        raise argparse.ArgumentTypeError(f"expected 'auto' or a number in [0, 1), got {s!r}")
-    return v
-
-
-def _positive_int(s):
-    v = int(s)
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {s!r}")
-    return v
-
-
-def _alpha_list(s):
-    try:
-        vals = [float(x) for x in s.split(",") if x.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {s!r}") from None
-    if not vals or any(not math.isfinite(v) or v <= 0 for v in vals):
-        raise argparse.ArgumentTypeError(f"alphas must be finite and > 0, got {s!r}")
-    return vals
+_positive_float, _nonneg_float, _damping, _positive_int = (opt.positive_float, opt.nonneg_float, opt.damping,
+                                                         opt.positive_int)
+_alpha_list = opt.comma_list(opt.positive_float, "finite numbers > 0")
 
 
 def _add_model_options(p, alpha_type=_positive_float, alpha_default=0.3):
     g = p.add_argument_group("model")
-    g.add_argument("--T", type=int, default=2, help="tokens per sequence, 1..8")
+    g.add_argument("--T", type=opt.tokens, default=2, help="tokens per sequence, 1..8")
     g.add_argument("--alpha", type=alpha_type, default=alpha_default,
                    help="sample complexity n / d^2" + (" (comma-separated list)" if alpha_type is _alpha_list else ""))
     g.add_argument("--teacher", choices=["wishart", "powerlaw", "lowrank"], default="wishart",
@@ -175,6 +142,9 @@ def cmd_run(args) -> dict:
 
     rng = np.random.default_rng(args.seed)
     d, T = args.d, args.T
+    n_test = max(2000, 2 * d)
+    opt.check_sampled_run(f"run at d={d}, T={T}, alpha={args.alpha:g}", args.alpha, T, d, n_test, args.teacher,
+                          args.rho)
     n = max(1, int(round(args.alpha * d * d)))
     teacher = _make_teacher(args, d, rng)
     channel = _make_channel(args)
@@ -182,11 +152,12 @@ def cmd_run(args) -> dict:
     params = {k: v for k, v in vars(args).items() if k not in ("func", "json", "command")}
     params["n"] = n
     if args.estimator == "erm":
-        est = aa.ERMAttention(loss=args.loss, reg=args.reg, lam=args.lam, beta=args.beta,
+        est = aa.ERMAttention(loss=args.loss, reg=args.reg, lam=args.lam, beta=args.beta, variance=args.variance,
                               max_iter=args.iters, tol=args.tol, damping=args.damping)
         title = f"ERM-AMP  loss={args.loss} reg={args.reg} lam={args.lam}"
     else:
-        est = aa.BayesAttention(channel, teacher, max_iter=args.iters, tol=args.tol, damping=args.damping)
+        est = aa.BayesAttention(channel, teacher, variance=args.variance, max_iter=args.iters, tol=args.tol,
+                                damping=args.damping)
         title = "Bayes-optimal GAMP-RIE"
 
     if not args.json:
@@ -200,7 +171,11 @@ def cmd_run(args) -> dict:
                     f"damping {h['damping'][-1]:.3g}  {h['time'][-1]:.3f} s")
         return False
 
-    est.fit(data.X, data.y, S_star=teacher.S, callback=progress)
+    try:
+        with opt.indented_progress():
+            est.fit(data.X, data.y, S_star=teacher.S, callback=progress)
+    except ValueError as exc:
+        raise opt.small_d_error(exc, d, T, args.variance)
     hist = est.history_
     k = est.n_iter_
     se_res = _se_trajectory(args, T, teacher, channel, max(k, 1), tuple(hist["damping"]) or 0.0)
@@ -216,7 +191,7 @@ def cmd_run(args) -> dict:
                   f"{se_hist['q'][t] if se_ok else float('nan'):9.5f} {hist['V'][t]:9.4g} "
                   f"{hist['train_loss'][t]:11.5f} {hist['step'][t]:9.2e} {hist['damping'][t]:8.3g} "
                   f"{hist['time'][t]:7.3f}")
-    test = aa.sample_data(max(2000, 2 * d), T, teacher, channel, np.random.default_rng([args.seed, 1]))
+    test = aa.sample_data(n_test, T, teacher, channel, np.random.default_rng([args.seed, 1]))
     phi = channel.phi
     h_hat = est.decision_function(test.X)
     test_error = float(np.mean(np.sum((phi(test.h) - phi(h_hat)) ** 2, axis=(1, 2))))
@@ -271,10 +246,12 @@ def cmd_se(args) -> dict:
 
     T = args.T
     channel = _make_channel(args)
+    opt.check_se(f"the state evolution at T={T}, n_mc={args.n_mc}", T, args.n_mc)
     if args.teacher == "wishart":
         law = aa.SpectralLaw.wishart(args.rho)
         teacher = law
     else:  # no closed d -> infinity law: the exact spectrum at --d
+        opt.check_teacher(f"the teacher's exact spectrum at d={args.d}", args.d, args.teacher, args.rho)
         teacher = _make_teacher(args, args.d, np.random.default_rng(args.seed))
         law = aa.SpectralLaw.atoms(teacher.eigenvalues)
     erm = args.estimator == "erm"
@@ -284,7 +261,8 @@ def cmd_se(args) -> dict:
     init = None
     alphas = args.alpha
     t0 = time.perf_counter()
-    bar = progress_bar(total=len(alphas), desc="se", disable=args.json, unit="alpha")
+    with opt.indented_progress():  # the bar keeps the (indenting) stream it was created with
+        bar = progress_bar(total=len(alphas), desc="se", disable=args.json, unit="alpha")
     for i, alpha in enumerate(alphas):
         bar.set_postfix_str(f"alpha={alpha:g}", refresh=False)
         if args.estimator == "erm":
@@ -335,10 +313,16 @@ def _fmt(v):
 def cmd_bench(args) -> dict:
     from amp_attention.benchmarking import amp_iteration_ratios
 
+    for d in args.d:  # the run, plus the floor's three (n T, d) arrays
+        opt.check_sampled_run(f"bench at d={d}, T={args.T}, alpha={args.alpha:g}", args.alpha, args.T, d, 0,
+                              "wishart", 0.5, token_arrays=5)
     rows = []
     for d in args.d:
-        r = amp_iteration_ratios(d, args.T, args.alpha, loss=args.loss, reg=args.reg, repeats=args.repeats,
-                                 seed=args.seed)
+        try:
+            r = amp_iteration_ratios(d, args.T, args.alpha, loss=args.loss, reg=args.reg, repeats=args.repeats,
+                                     seed=args.seed)
+        except ValueError as exc:
+            raise opt.small_d_error(exc, d, args.T, "sample")
         rows.append(r)
         if not args.json:
             if len(rows) == 1:
@@ -354,83 +338,27 @@ def cmd_bench(args) -> dict:
 # --------------------------------------------------------------------------------------------
 
 
-def _values(conv):
-    """An argparse type: a comma list ``a,b,c`` or ``start:stop:num`` (``num`` evenly spaced values)."""
-
-    def parse(s):
-        try:
-            parts = s.split(":")
-            if len(parts) == 3:
-                start, stop, num = float(parts[0]), float(parts[1]), int(parts[2])
-                if num < 1:
-                    raise ValueError
-                return [conv(v) for v in np.linspace(start, stop, num).tolist()]
-            vals = [conv(x.strip()) for x in s.split(",") if x.strip()]
-        except (ValueError, argparse.ArgumentTypeError):
-            raise argparse.ArgumentTypeError(f"expected a comma list or start:stop:num, got {s!r}") from None
-        if not vals:
-            raise argparse.ArgumentTypeError(f"expected at least one value, got {s!r}")
-        return vals
-
-    return parse
-
-
-def _int_value(x):
-    v = float(x)
-    if not v.is_integer():
-        raise ValueError(x)
-    return int(v)
-
-
-def _damping_value(x):
-    return x if x == "auto" else float(x)
-
-
-#: sweep options: (flag, grid parameter, value type, help)
-_SWEEP_OPTIONS = [
-    ("--alpha", "alpha", float, "sample complexity n / d^2"),
-    ("--T", "T", _int_value, "tokens per sequence"),
-    ("--teacher", "teacher", str, "teacher: wishart, powerlaw, lowrank"),
-    ("--rho", "rho", float, "Wishart rank ratio"),
-    ("--gamma", "gamma", float, "power-law exponent"),
-    ("--rank", "rank", _int_value, "low-rank teacher rank"),
-    ("--channel", "channel", str, "channel: softmax, hardmax, linear"),
-    ("--beta", "beta", float, "softmax inverse temperature"),
-    ("--noise", "noise", float, "noise variance per whitened component"),
-    ("--loss", "loss", str, "ERM loss: cross_entropy, square, softmax_square"),
-    ("--reg", "reg", str, "ERM penalty: nuclear, frobenius"),
-    ("--lam", "lam", float, "ERM regularisation strength"),
-    ("--damping", "damping", _damping_value, "damping: 'auto' or numbers in [0, 1)"),
-    ("--d", "d", _int_value, "dimension (sampled kinds; SE: exact spectrum of non-Wishart teachers)"),
-    ("--iters", "max_iter", _int_value, "maximum iterations per point"),
-    ("--tol", "tol", float, "tolerance"),
-    ("--n-mc", "n_mc", _int_value, "SE output-side node budget"),
-    ("--output-rule", "output_rule", str, "SE output-side rule: auto, qmc, mc, gauss_hermite"),
-    ("--prox-start", "prox_start", str, "SE softmax_square prox: global, teacher"),
-    ("--variance", "variance", str, "AMP variances: sample, scalar"),
-    ("--method", "method", str, "direct ERM method: lbfgs, prox"),
-    ("--n-test", "n_test", _int_value, "fresh test samples (sampled kinds)"),
-]
-
-
 def cmd_sweep(args) -> dict:
     from amp_attention.sweep import sweep, write_sweep
 
     out = str(args.out)
-    if not out.lower().endswith((".csv", ".parquet", ".json")):
-        raise ValueError(f"--out must end in .csv, .parquet or .json, got {out!r}")
-    if out.lower().endswith(".parquet"):  # fail before the sweep, not after it
-        import importlib.util
-
-        if not any(importlib.util.find_spec(m) for m in ("pyarrow", "fastparquet")):
-            raise ValueError("writing .parquet needs pyarrow (pip install pyarrow); or use .csv / .json")
-    grid = {name: getattr(args, name) for _, name, _, _ in _SWEEP_OPTIONS if getattr(args, name) is not None}
+    opt.check_out(out)
+    grid = {name: getattr(args, name) for _, name, *_ in opt.SWEEP_OPTIONS if getattr(args, name) is not None}
     if args.scheduler is not None and args.jobs is not None and args.scheduler != "local":
         raise ValueError("give either --jobs or --scheduler ADDRESS, not both")
-    executor = args.scheduler if args.scheduler is not None else args.jobs
+    n_rows = opt.check_sweep_memory(args, grid)
+    jobs = None if args.jobs is None else min(args.jobs, n_rows)  # no more workers than rows
+    executor = args.scheduler if args.scheduler is not None else jobs
     t0 = time.perf_counter()
-    df = sweep(args.kind, grid, seeds=args.seeds, executor=executor, cache=args.cache, progress=True,
-               jobs=args.jobs)
+    try:
+        with opt.indented_progress():
+            df = sweep(args.kind, grid, seeds=args.seeds, executor=executor, cache=args.cache, progress=True,
+                       jobs=jobs)
+    except ValueError as exc:  # explain the sampled kinds' Gram matrices at too small a d
+        if args.kind not in ("amp", "bayes_amp"):
+            raise
+        d, T = min(grid.get("d", [100])), max(grid.get("T", [2]))
+        raise opt.small_d_error(exc, d, T, "sample" if "sample" in grid.get("variance", ["sample"]) else "")
     write_sweep(df, out)
     wall = time.perf_counter() - t0
     n_cached = int(df["cached"].sum())
@@ -481,6 +409,12 @@ def cmd_spectrum(args) -> dict:
     from amp_attention.spectral import shat_spectrum
 
     channel = _make_channel(args)
+    opt.check_se(f"the state evolution at T={args.T}, n_mc={args.n_mc}", args.T, args.n_mc)
+    if args.d is not None:
+        opt.check_sampled_run(f"AMP at d={args.d}, T={args.T}, alpha={args.alpha:g}", args.alpha, args.T, args.d, 0,
+                              args.teacher, args.rho)
+    elif args.teacher != "wishart":
+        opt.check_teacher("the teacher's exact spectrum at d=200", 200, args.teacher, args.rho)
     if args.teacher == "wishart":
         law = aa.SpectralLaw.wishart(args.rho)
     else:
@@ -505,10 +439,14 @@ def cmd_spectrum(args) -> dict:
         rng = np.random.default_rng(args.seed)
         teacher = _make_teacher(args, args.d, rng)
         data = aa.sample_data(max(1, int(round(args.alpha * args.d ** 2))), args.T, teacher, channel, rng)
-        est = (aa.ERMAttention(loss=args.loss, reg=args.reg, lam=args.lam, beta=args.beta, max_iter=args.iters,
-                               tol=args.tol, damping=args.damping) if args.estimator == "erm"
-               else aa.BayesAttention(channel, teacher, max_iter=args.iters, tol=args.tol, damping=args.damping))
-        est.fit(data.X, data.y)
+        est = (aa.ERMAttention(loss=args.loss, reg=args.reg, lam=args.lam, beta=args.beta, variance=args.variance,
+                               max_iter=args.iters, tol=args.tol, damping=args.damping) if args.estimator == "erm"
+               else aa.BayesAttention(channel, teacher, variance=args.variance, max_iter=args.iters, tol=args.tol,
+                                      damping=args.damping))
+        try:
+            est.fit(data.X, data.y)
+        except ValueError as exc:
+            raise opt.small_d_error(exc, args.d, args.T, args.variance)
         eig = np.sort(np.linalg.eigvalsh(est.S_))
         eig = np.where(np.abs(eig) <= 1e-12 * max(1.0, np.abs(eig).max()), 0.0, eig)
         cdf = _predicted_cdf(pf)
@@ -534,9 +472,11 @@ def cmd_thresholds(args) -> dict:
     import amp_attention as aa
 
     channel = _make_channel(args)
+    opt.check_se(f"the state evolution at T={args.T}, n_mc={args.n_mc}", args.T, args.n_mc)
     if args.teacher == "wishart":
         law = aa.SpectralLaw.wishart(args.rho)
     else:
+        opt.check_teacher(f"the teacher's exact spectrum at d={args.d}", args.d, args.teacher, args.rho)
         law = aa.SpectralLaw.atoms(_make_teacher(args, args.d, np.random.default_rng(args.seed)).eigenvalues)
     se_kw = {"n_mc": args.n_mc, "seed": args.seed}
     bracket = (args.lo, args.hi)
@@ -578,6 +518,10 @@ class _Parser(argparse.ArgumentParser):
         kwargs.setdefault("formatter_class", argparse.ArgumentDefaultsHelpFormatter)
         super().__init__(*args, **kwargs)
 
+    def error(self, message):
+        """One line on stderr (``PROG: error: MESSAGE (see PROG --help)``) and exit status 2."""
+        self.exit(2, f"{self.prog}: error: {' '.join(str(message).split())} (see {self.prog} --help)\n")
+
 
 def build_parser() -> argparse.ArgumentParser:
     from amp_attention import __version__
@@ -591,11 +535,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_options(p)
     p.add_argument("--iters", type=_positive_int, default=50, help="maximum AMP iterations")
     p.add_argument("--tol", type=_nonneg_float, default=1e-8, help="AMP tolerance (0: run all iterations)")
-    p.add_argument("--n-mc", dest="n_mc", type=_positive_int, default=100_000,
+    p.add_argument("--n-mc", dest="n_mc", type=opt.n_mc, default=100_000,
                    help="node budget of the SE output side's Gaussian averages")
     p.add_argument("--output-rule", dest="output_rule", choices=["auto", "qmc", "mc", "gauss_hermite"],
                    default="auto", help="SE output-side rule: 'auto' = quasi-Monte Carlo, seed-independent")
-    p.add_argument("--seed", type=int, default=0, help="seed of the instance and of the SE draws")
+    p.add_argument("--variance", choices=["sample", "scalar"], default="sample",
+                   help="AMP variances: per-sample Gram matrices (needs d(d+1)/2 >= T(T+1)/2) or scalar")
+    p.add_argument("--seed", type=opt.seed, default=0, help="seed of the instance and of the SE draws")
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("se", help="state-evolution fixed points (d -> infinity) along a list of alpha")
@@ -604,24 +550,24 @@ def build_parser() -> argparse.ArgumentParser:
                    help="dimension of the exact spectrum for teachers without a closed limit law")
     p.add_argument("--iters", type=_positive_int, default=500, help="maximum SE steps per alpha")
     p.add_argument("--tol", type=_nonneg_float, default=1e-8, help="SE tolerance on the change of (m, q, V)")
-    p.add_argument("--n-mc", dest="n_mc", type=_positive_int, default=100_000,
+    p.add_argument("--n-mc", dest="n_mc", type=opt.n_mc, default=100_000,
                    help="node budget of the output side's Gaussian averages")
     p.add_argument("--output-rule", dest="output_rule", choices=["auto", "qmc", "mc", "gauss_hermite"],
                    default="auto", help="output-side rule: 'auto' = quasi-Monte Carlo, seed-independent")
     p.add_argument("--prox-start", dest="prox_start", choices=["global", "teacher"], default="global",
                    help="softmax_square only: the SE's prox is the global minimiser or the one reached from z*")
-    p.add_argument("--seed", type=int, default=0, help="seed of the Monte Carlo draws")
+    p.add_argument("--seed", type=opt.seed, default=0, help="seed of the Monte Carlo draws")
     p.set_defaults(func=cmd_se)
 
     p = sub.add_parser("bench", help="per-iteration AMP time over the floor (two GEMMs + one eigh)")
-    p.add_argument("--d", type=lambda s: [int(x) for x in s.split(",")], default=[100, 200],
+    p.add_argument("--d", type=opt.comma_list(_positive_int, "integers >= 1"), default=[100, 200],
                    help="token dimensions (comma-separated)")
-    p.add_argument("--T", type=int, default=3, help="tokens per sequence")
+    p.add_argument("--T", type=opt.tokens, default=3, help="tokens per sequence")
     p.add_argument("--alpha", type=_positive_float, default=0.5, help="sample complexity n / d^2")
     p.add_argument("--loss", choices=["cross_entropy", "square"], default="cross_entropy", help="ERM loss")
     p.add_argument("--reg", choices=["nuclear", "frobenius"], default="nuclear", help="ERM penalty")
     p.add_argument("--repeats", type=_positive_int, default=5, help="timed repetitions")
-    p.add_argument("--seed", type=int, default=0, help="seed of the instance")
+    p.add_argument("--seed", type=opt.seed, default=0, help="seed of the instance")
     p.add_argument("--json", action="store_true", help="print exactly one JSON object on stdout")
     p.set_defaults(func=cmd_bench)
 
@@ -629,8 +575,8 @@ def build_parser() -> argparse.ArgumentParser:
                                      "to a CSV, Parquet or JSON table")
     p.add_argument("--kind", choices=["se", "bayes_se", "amp", "erm", "bayes_amp"], default="se",
                    help="what runs at each point")
-    for flag, name, conv, text in _SWEEP_OPTIONS:
-        p.add_argument(flag, dest=name, type=_values(conv), default=None,
+    for flag, name, conv, what, text in opt.SWEEP_OPTIONS:
+        p.add_argument(flag, dest=name, type=opt.grid_values(conv, what), default=None,
                        help=text + " (comma list or start:stop:num; default: amp_attention.sweep.PARAMETERS)")
     p.add_argument("--seeds", type=_positive_int, default=1, help="seeds per point")
     p.add_argument("--jobs", type=_positive_int, default=None, help="local worker processes (default: serial)")
@@ -648,42 +594,73 @@ def build_parser() -> argparse.ArgumentParser:
                         "the exact-spectrum dimension for non-Wishart teachers (else 200)")
     p.add_argument("--iters", type=_positive_int, default=500, help="maximum SE / AMP iterations")
     p.add_argument("--tol", type=_nonneg_float, default=1e-8, help="SE / AMP tolerance")
-    p.add_argument("--n-mc", dest="n_mc", type=_positive_int, default=100_000, help="SE output-side node budget")
+    p.add_argument("--n-mc", dest="n_mc", type=opt.n_mc, default=100_000, help="SE output-side node budget")
     p.add_argument("--output-rule", dest="output_rule", choices=["auto", "qmc", "mc", "gauss_hermite"],
                    default="auto", help="SE output-side rule")
     p.add_argument("--outlier-mass", dest="outlier_mass", type=_positive_float, default=0.05,
                    help="support intervals lighter than this (other than the heaviest) are outliers")
-    p.add_argument("--seed", type=int, default=0, help="seed of the SE draws and of the AMP instance")
+    p.add_argument("--variance", choices=["sample", "scalar"], default="sample", help="AMP variances (with --d)")
+    p.add_argument("--seed", type=opt.seed, default=0, help="seed of the SE draws and of the AMP instance")
     p.set_defaults(func=cmd_spectrum)
 
     p = sub.add_parser("thresholds", help="recovery, interpolation and Bayes-optimal thresholds in alpha")
     _add_model_options(p)
     p.set_defaults(loss="square", lam=1e-5)
-    p.add_argument("--which", type=lambda s: [w for w in s.split(",") if w], default=["recovery", "interpolation",
-                                                                                      "bayes"],
+    p.add_argument("--which", type=opt.comma_list(opt.choice("recovery", "interpolation", "bayes"),
+                                                  "names among recovery, interpolation, bayes"),
+                   default=["recovery", "interpolation", "bayes"],
                    help="comma list of: recovery (nuclear ERM), interpolation (Frobenius ERM), bayes")
     p.add_argument("--lo", type=_positive_float, default=0.02, help="lower end of the initial alpha bracket")
     p.add_argument("--hi", type=_positive_float, default=1.0, help="upper end of the initial alpha bracket")
     p.add_argument("--d", type=_positive_int, default=200, help="exact-spectrum dimension for non-Wishart teachers")
-    p.add_argument("--n-mc", dest="n_mc", type=_positive_int, default=100_000, help="SE output-side node budget")
-    p.add_argument("--seed", type=int, default=0, help="seed of the SE draws")
+    p.add_argument("--n-mc", dest="n_mc", type=opt.n_mc, default=100_000, help="SE output-side node budget")
+    p.add_argument("--seed", type=opt.seed, default=0, help="seed of the SE draws")
     p.set_defaults(func=cmd_thresholds)
     return parser
 
 
 def main(argv=None) -> int:
+    """Run the command; every failure is one line ``amp-attention CMD: error: ...`` on stderr.
+
+    Exit status: 0 on success; 2 for bad arguments (``ValueError``, ``NotImplementedError``, and
+    estimated memory needs above what is available: :class:`~amp_attention._validation.InsufficientMemoryError`);
+    1 for other failures (memory actually exhausted, numerical overflow, output files that cannot
+    be written, and any other exception, reported as a bug); 130 when interrupted (Ctrl-C).
+    Warnings are printed on one line each (``amp-attention CMD: warning: Category: message``).
+    """
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] not in ("run", "se", "bench", "sweep", "spectrum", "thresholds", "-h", "--help",
                                    "--version"):
         argv = ["run"] + argv
-    args = parser.parse_args(argv)
+    prog = f"{parser.prog} {argv[0]}" if not argv[0].startswith("-") else parser.prog
+
+    def fail(status, text):
+        parser.exit(status, f"{prog}: error: {text}\n")
+
     try:
-        out = args.func(args)
-    except (ValueError, NotImplementedError) as exc:
-        parser.exit(2, f"amp-attention {args.command}: error: {exc}\n")
-    if args.json:
-        print(json.dumps(out, allow_nan=False))
+        with warnings.catch_warnings():
+            warnings.showwarning = opt.one_line_warning(prog)
+            args, extra = parser.parse_known_args(argv)
+            if extra:
+                fail(2, f"unrecognized arguments: {' '.join(extra)} (see {prog} --help)")
+            out = args.func(args)
+            text = json.dumps(out, allow_nan=False) if args.json else None
+        if text is not None:
+            print(text, flush=True)
+    except KeyboardInterrupt:
+        fail(130, "interrupted")
+    except (ValueError, NotImplementedError) as exc:  # InsufficientMemoryError included
+        fail(2, opt.one_line(exc))
+    except MemoryError as exc:
+        fail(1, f"out of memory ({opt.one_line(exc)}); lower --d, --alpha or --n-mc")
+    except (OverflowError, FloatingPointError) as exc:
+        fail(1, f"numerical overflow ({type(exc).__name__}: {opt.one_line(exc)}); an input is too large")
+    except OSError as exc:
+        fail(1, f"{type(exc).__name__}: {opt.one_line(exc)}")
+    except Exception as exc:  # anything else is a bug
+        fail(1, f"internal error {type(exc).__name__}: {opt.one_line(exc)}; this is a bug, please report it "
+                f"with the command line")
     return 0
 
 
