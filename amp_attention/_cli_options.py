@@ -181,15 +181,16 @@ def teacher_bytes(d, teacher="wishart", rho=0.5):
     return _F64 * (d * r + 8 * d * d)
 
 
-def sampled_run_bytes(n, T, d, n_test, teacher="wishart", rho=0.5, solver="amp", token_arrays=2):
+def sampled_run_bytes(n, T, d, n_test, teacher="wishart", rho=0.5, solver="amp", token_arrays=1.25):
     """Upper bound of what one sampled run needs (``run``, ``bench``, ``spectrum --d``, sweep ``amp``/``erm``).
 
-    Counted in float64 arrays: the tokens X ``(n, T, d)`` and the sensing operator's work buffer of
-    the same shape (``token_arrays = 2``; ``bench`` adds its floor's three); ``h``, ``y`` ``(n, T, T)``; the per-sample Gram matrices, their Cholesky factors,
+    Counted in float64 arrays: the tokens X ``(n, T, d)`` and a quarter of X for the temporaries
+    of sampling and of the blocked operator (``token_arrays = 1.25``; ``bench`` adds its floor's
+    three); ``h``, ``y`` ``(n, T, T)``; the per-sample Gram matrices, their Cholesky factors,
     inverses and temporaries (6 arrays ``(n, K, K)``); GAMP's ``(n, K)`` vectors (omega, g, the previous
     g, Gamma g, z, traces, the prox warm start...: 16); 16 ``d x d`` matrices (S, R, the next S, the
     teacher's, eigendecompositions; direct ERM's L-BFGS memory: 30 more); the teacher
-    (:func:`teacher_bytes`); the test set of ``n_test`` sequences (tokens, work buffer, 6 ``(T, T)``
+    (:func:`teacher_bytes`); the test set of ``n_test`` sequences (tokens and temporaries, 6 ``(T, T)``
     arrays each).  Returns ``{part: bytes}`` so that a message can say what dominates.
     """
     n, T, d, n_test = float(n), float(T), float(d), float(n_test)
@@ -210,7 +211,7 @@ def se_bytes(T, n_mc):
 
 
 def check_sampled_run(what, alpha, T, d, n_test, teacher="wishart", rho=0.5, solver="amp", copies=1,
-                      token_arrays=2):
+                      token_arrays=1.25):
     """:func:`check_memory` of ``copies`` sampled runs at ``n = alpha d^2``, naming the option to lower."""
     n = float(alpha) * float(d) * float(d)
     parts = sampled_run_bytes(n, T, d, n_test, teacher, rho, solver, token_arrays)

@@ -48,7 +48,11 @@ from .operator import SensingOperator
 from .threads import single_threaded_blas
 from .variance import GramVariance
 
-__all__ = ["AMPResult", "gamp", "HISTORY_KEYS"]
+__all__ = ["AMPResult", "gamp", "HISTORY_KEYS", "FLOAT32_TOL"]
+
+#: the smallest stop tolerance used with float32 tokens (their rounding floor of the relative step
+#: is ~1e-7, docs/theory.md §10)
+FLOAT32_TOL = 1e-6
 
 HISTORY_KEYS = (
     "m", "q", "mse", "V", "A_hat", "objective", "train_objective", "train_loss", "step", "time",
@@ -95,6 +99,9 @@ def gamp(
 ) -> AMPResult:
     """Run GAMP (docs/theory.md §5) on tokens ``X (n, T, d)`` and targets ``y (n, T, T)``.
 
+    ``X`` as float32 keeps the tokens in float32 (half the memory; GEMMs in float32, every sum
+    over samples and every iterate in float64; the fixed point agrees with float64's to ~1e-6).
+
     Parameters
     ----------
     loss : an output factor (a loss of :mod:`amp_attention.losses` or a Bayes output of
@@ -109,7 +116,8 @@ def gamp(
         schedule (one value per iteration).  Damping never changes a fixed point;
         ``history['damping']`` records the value used at each iteration.
     tol : stop when the relative step ``||S^{t+1} - S^t||_F / ||S^{t+1}||_F < tol``; ``tol = 0``
-        runs exactly ``max_iter`` iterations.
+        runs exactly ``max_iter`` iterations.  With float32 tokens a tol below
+        :data:`FLOAT32_TOL` = 1e-6 is raised to it (the step stalls near 1e-7 there).
     S_star : optional teacher matrix, to record ``m`` and ``mse`` per iteration.
     callback : optional ``callback(t, S, history)`` called after every iteration; returning True stops.
     V0 : initial variance ``V^0`` (1 for ERM, matching the SE's ``V = 1``; the Bayes loop starts
@@ -127,6 +135,8 @@ def gamp(
     else:
         raise ValueError(f"variance must be 'sample' or 'scalar', got {variance!r}")
     loop = Loop(HISTORY_KEYS, max_iter=max_iter, tol=tol, damping=damping, callback=callback)
+    if op.dtype == np.float32 and 0 < loop.tol < FLOAT32_TOL:
+        loop.tol = FLOAT32_TOL  # float32 GEMMs: the relative step stalls near 1e-7
 
     with single_threaded_blas():  # the GEMMs run inside Numba threads (amp_attention.threads)
         return _gamp_loop(op, gram, y, loss, denoiser, loop, V0, S_star)

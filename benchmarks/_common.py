@@ -41,9 +41,6 @@ def _apply_thread_flag(argv) -> None:
 
 
 _apply_thread_flag(sys.argv[1:])
-# OpenBLAS workers that busy-wait after each call starve the Numba threads (see amp_attention's
-# thread policy); the package sets the same default, but the scripts import NumPy first.
-os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
 
 import numpy as np  # noqa: E402
 
