@@ -20,6 +20,7 @@ __all__ = [
     "available_memory",
     "check_memory",
     "InsufficientMemoryError",
+    "check_targets",
 ]
 
 
@@ -147,3 +148,21 @@ def check_memory(nbytes: float, what: str, hint: str = "") -> None:
     need = _gib(nbytes) if np.isfinite(nbytes) else "an unbounded amount of memory"
     have = f", {_gib(avail)} available" if avail is not None else ""
     raise InsufficientMemoryError(f"{what} would need {need}{have}{'; ' + hint if hint else ''}")
+
+
+def check_targets(y, n: int, T: int, *, stochastic: bool = False, what: str = "") -> np.ndarray:
+    """Targets ``y (n, T, T)`` matching tokens ``X (n, T, d)``, finite -> float64, C-contiguous.
+
+    ``stochastic``: the rows must be probability vectors (entries >= -1e-12, row sums within 1e-8
+    of 1), as the cross-entropy needs; ``what`` names the reason in the message (e.g. the loss).
+    """
+    y = as_float_array(y, "y", ndim=3)
+    if y.shape != (n, T, T):
+        raise ValueError(f"y must have shape (n, T, T) = {(n, T, T)} to match X, got {y.shape}")
+    if stochastic:
+        if np.any(y < -1e-12):
+            raise ValueError(f"y must be non-negative{what} (rows are probabilities), got min {y.min():.3g}")
+        dev = float(np.max(np.abs(y.sum(axis=-1) - 1.0)))
+        if dev > 1e-8:
+            raise ValueError(f"y rows must sum to 1{what} (softmax / hardmax targets), got a row sum off by {dev:.3g}")
+    return np.ascontiguousarray(y)

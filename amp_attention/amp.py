@@ -41,12 +41,13 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ._validation import check_nonnegative, check_symmetric, check_targets
 from .factors import InputFactor, OutputFactor
 from .losses import gram_g_out
 from .loop import Loop
 from .operator import SensingOperator
 from .threads import single_threaded_blas
-from .variance import GramVariance
+from .variance import GramVariance, sample_variance
 
 __all__ = ["AMPResult", "gamp", "HISTORY_KEYS", "FLOAT32_TOL"]
 
@@ -83,6 +84,7 @@ class AMPResult:
     history: dict = field(default_factory=dict)
 
 
+@np.errstate(over="ignore", invalid="ignore", divide="ignore")  # overflow is flagged, not warned about
 def gamp(
     X,
     y,
@@ -109,7 +111,9 @@ def gamp(
     denoiser : an input factor of :mod:`amp_attention.denoisers`.
     variance : ``'sample'`` (``V_mu = V Gamma_mu``, converges undamped at finite d in most cases) or ``'scalar'``
         (``V_mu = V I_K``; usually needs damping at d <= 80). Undamped sample variances can still
-        cycle at small d near ``n K ~ d^2/2``; the default adaptive damping handles both.
+        cycle at small d near ``n K ~ d^2/2``; the default adaptive damping handles both.  When some
+        ``Gamma_mu`` is singular (``K > d(d+1)/2``: a tiny d; degenerate tokens) or overflows,
+        ``'sample'`` falls back to ``'scalar'`` with a warning (:func:`~amp_attention.variance.sample_variance`).
     damping : ``'auto'`` (default: undamped while the iteration contracts, damped automatically
         when the updates oscillate or grow; see :mod:`amp_attention.loop`), a fixed
         ``0 <= damping < 1`` (``S <- (1 - damping) S_new + damping S_old``, same for V), or a
@@ -123,18 +127,31 @@ def gamp(
     V0 : initial variance ``V^0`` (1 for ERM, matching the SE's ``V = 1``; the Bayes loop starts
         from the prior variance ``Q*``).
 
-    Non-finite iterates stop the loop with ``diverged=True`` and the last finite state kept;
+    Non-finite iterates or intermediates (``omega``, ``g``, ``R`` before the denoiser, ``z``, any history
+    entry) stop the loop with ``diverged=True``, a message naming the iteration and the quantity, and the
+    last finite state kept (``m``, ``mse`` without ``S_star`` and the objective of a Bayes output are NaN
+    by design);
     stopping at ``max_iter`` with ``tol > 0`` warns (:class:`sklearn.exceptions.ConvergenceWarning`).
     """
+    for name, obj, cls in (("loss", loss, OutputFactor), ("denoiser", denoiser, InputFactor)):
+        if not isinstance(obj, cls):
+            raise ValueError(f"{name} must be an {cls.__name__} (see amp_attention.factors), got {type(obj).__name__}")
     op = SensingOperator(X)  # X validated once (float32 tokens stay float32: float32 GEMMs)
-    K = op.K
+    n, T, d, K = op.n, op.T, op.d, op.K
+    y = check_targets(y, n, T)
+    S_star = None if S_star is None else check_symmetric(S_star, "S_star", d=d)
+    V0 = check_nonnegative(V0, "V0")
+    variance = variance if isinstance(variance, str) else repr(variance)
     if variance == "sample":
-        gram = GramVariance(op.gram())  # Gamma_mu validated and Cholesky-factored once
+        gram = sample_variance(op.gram())  # Gamma_mu validated and Cholesky-factored once
     elif variance == "scalar":
         gram = GramVariance(np.eye(K))
     else:
         raise ValueError(f"variance must be 'sample' or 'scalar', got {variance!r}")
-    loop = Loop(HISTORY_KEYS, max_iter=max_iter, tol=tol, damping=damping, callback=callback)
+    # NaN by design: m, mse without S_star; the objective of an output factor without one (Bayes)
+    nan_ok = (("m", "mse") if S_star is None else ()) + (
+        ("objective", "train_objective", "train_loss") if np.isnan(loss.value_z(y[:1], np.zeros((1, K)))[0]) else ())
+    loop = Loop(HISTORY_KEYS, max_iter=max_iter, tol=tol, damping=damping, callback=callback, nan_ok=nan_ok)
     if op.dtype == np.float32 and 0 < loop.tol < FLOAT32_TOL:
         loop.tol = FLOAT32_TOL  # float32 GEMMs: the relative step stalls near 1e-7
 
@@ -147,7 +164,7 @@ def _gamp_loop(op, gram, y, loss, denoiser, loop, V0, S_star):
     n, d, K = op.n, op.d, op.K
     Gamma = gram.gamma if not gram.shared else gram.gamma[0]
     S = np.zeros((d, d))
-    V = float(V0)
+    V = V0
     g_prev = np.zeros((n, K))
     p_prev = None
     z = op.forward(S, check=False)  # iterates are trusted: no re-validation in the loop
@@ -156,6 +173,8 @@ def _gamp_loop(op, gram, y, loss, denoiser, loop, V0, S_star):
         t0 = time.perf_counter()
         Gg = g_prev @ Gamma if gram.shared else np.einsum("nkl,nl->nk", Gamma, g_prev)
         omega = z - V * Gg                                                     # step 1
+        if not loop.finite(omega=omega):
+            break
         g, a_mu, info = gram_g_out(loss, y, omega, V, gram, p0=p_prev)         # step 2
         p_prev = info.get("p")  # warm start of the next prox (Newton for cross-entropy)
         A_hat = float(np.sum(a_mu)) / d**2                                     # step 3
@@ -163,7 +182,13 @@ def _gamp_loop(op, gram, y, loss, denoiser, loop, V0, S_star):
             loop.diverge(f"iteration {t}: A_hat = {A_hat} (not finite and > 0)")
             break
         R = S + op.adjoint(g, check=False) / (d * A_hat)                       # step 4
-        S_new, div, F = denoiser.factored(R, A_hat)                            # step 5
+        if not loop.finite(g=g, R=R):  # before the denoiser's eigh
+            break
+        try:
+            S_new, div, F = denoiser.factored(R, A_hat)                        # step 5
+        except ValueError as exc:  # numerical (e.g. lam / A_hat overflows): the arguments were checked
+            loop.diverge(f"iteration {t}: the denoiser failed at A_hat = {A_hat:.3g}: {exc}")
+            break
         V_new = div / (d**2 * A_hat)                                           # step 6
         S_new, V_new = loop.update((S_new, V_new), (S, V))
         if not (np.all(np.isfinite(S_new)) and np.isfinite(V_new)):
@@ -176,16 +201,19 @@ def _gamp_loop(op, gram, y, loss, denoiser, loop, V0, S_star):
             z = op.forward_factored(F, check=False)  # sigma = ones: S = F F^T
         else:
             z = op.forward(S, check=False)
+        if not loop.finite(z=z):
+            break
         obj_loss = float(np.sum(loss.value_z(y, z)))
         if S_star is not None:
             m_t, mse_t = float(np.sum(S * S_star)) / d, float(np.sum((S - S_star) ** 2)) / d
         else:
             m_t = mse_t = np.nan
         objective = obj_loss + denoiser.penalty(S)
-        loop.record(m=m_t, q=float(np.sum(S * S)) / d, mse=mse_t, V=V, A_hat=A_hat,
+        if not loop.record(m=m_t, q=float(np.sum(S * S)) / d, mse=mse_t, V=V, A_hat=A_hat,
                     objective=objective, train_objective=objective / d**2, train_loss=obj_loss / n, step=step,
                     time=time.perf_counter() - t0, prox_iters=int(info.get("n_iter", 0)),
-                    prox_failed=int(info.get("n_failed", 0)))
+                    prox_failed=int(info.get("n_failed", 0))):
+            break
         if loop.finished(step, callback_args=(t, S, loop.history)):
             break
     return AMPResult(S=S, V=V, **loop.outcome("GAMP"))

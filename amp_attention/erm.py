@@ -60,6 +60,7 @@ nuclear problem is convex with a unique minimiser in the generic case (always un
 
 from __future__ import annotations
 
+import math
 import numbers
 import time
 from dataclasses import dataclass
@@ -67,14 +68,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.optimize import minimize
 
-from ._validation import (
-    as_float_array,
-    check_nonnegative,
-    check_positive,
-    check_rng,
-    check_symmetric,
-    check_tokens,
-)
+from ._validation import check_nonnegative, check_positive, check_rng, check_symmetric, check_targets, check_tokens
 from .operator import SensingOperator
 
 __all__ = ["ERMResult", "direct_erm", "erm_objective", "erm_gradient", "kkt_residual"]
@@ -93,6 +87,8 @@ METHODS = ("lbfgs", "prox")
 #: ~1e-16 relative: it stalls at a relative KKT residual of ~1e-9..1e-8 (S accurate to ~1e-8
 #: relative Frobenius).  Its ``converged`` flag therefore uses ``max(tol, LBFGS_FLOOR)``.
 LBFGS_FLOOR = 1e-7
+#: Overflow is detected (non-finite objective / residual -> flagged or ValueError), not warned about.
+_QUIET = np.errstate(over="ignore", invalid="ignore", divide="ignore")
 
 
 # --------------------------------------------------------------------------------------------
@@ -124,6 +120,9 @@ class ERMResult:
     start_residuals : (n_starts,) float64, each start's relative KKT residual
         (``grad_norm / grad_scale`` at its end point).
     best_start : int, index of the returned start (lowest objective; the earliest among ties).
+    diverged : bool, a non-finite objective, iterate or residual was met (overflow, e.g. data
+        scaled near the float64 range): ``converged`` is then False and ``message`` says at which
+        iteration; ``S`` is the start point if the solver's own point is not finite.
         ``S``, ``objective``, ``n_iter``, ``history``, ``times``, ``converged`` and ``message``
         describe that start; ``times`` are measured from the start of the call.
     """
@@ -143,6 +142,7 @@ class ERMResult:
     start_residuals: np.ndarray | None = None
     start_labels: tuple = ()
     best_start: int = 0
+    diverged: bool = False
 
     @property
     def relative_residual(self) -> float:
@@ -228,6 +228,8 @@ class _Problem:
             return float(np.linalg.norm(G + self.lam * self.d * S))
         P = S - G
         P[np.diag_indices(self.d)] -= self.lam * self.d
+        if not np.all(np.isfinite(P)):
+            return math.inf  # overflow: no eigh of a non-finite matrix (the run is flagged diverged)
         L, U = np.linalg.eigh(0.5 * (P + P.T))
         proj = (U * np.maximum(L, 0.0)) @ U.T
         return float(np.linalg.norm(S - proj))
@@ -254,39 +256,28 @@ def _check_choice(value, name, choices):
 def _validate(X, y, loss, reg, lam, beta):
     X = check_tokens(X)
     n, T, d = X.shape
-    y = as_float_array(y, "y", ndim=3)
-    if y.shape != (n, T, T):
-        raise ValueError(f"y must have shape (n, T, T) = {(n, T, T)} to match X, got {y.shape}")
-    y = np.ascontiguousarray(y)
     loss = _check_choice(loss, "loss", LOSSES)
     reg = _check_choice(reg, "reg", REGS)
     lam = check_nonnegative(lam, "lam")
     beta = check_positive(beta, "beta")
-    if loss == "softmax_square" and T == 1:
-        raise ValueError(
-            "loss='softmax_square' needs T >= 2 tokens: the softmax over one token is constant "
-            "(= 1) and the loss does not depend on S"
-        )
-    if loss == "cross_entropy":
-        if T == 1:
-            raise ValueError(
-                "loss='cross_entropy' needs T >= 2 tokens: the softmax over one token is constant "
-                "(y = 1) and the loss does not depend on S"
-            )
-        if np.any(y < -1e-12):
-            raise ValueError("y must be non-negative for loss='cross_entropy' (rows are probabilities)")
-        if np.max(np.abs(y.sum(axis=-1) - 1.0)) > 1e-8:
-            raise ValueError("y rows must sum to 1 for loss='cross_entropy' (softmax / hardmax targets)")
+    if loss in ("softmax_square", "cross_entropy") and T == 1:
+        raise ValueError(f"loss={loss!r} needs T >= 2 tokens: the softmax over one token is constant "
+                         f"({'y = 1' if loss == 'cross_entropy' else '= 1'}) and the loss does not depend on S")
+    y = check_targets(y, n, T, stochastic=loss == "cross_entropy", what=f" for loss={loss!r}")
     return X, y, loss, reg, lam, beta
 
 
 def _check_int(value, name, lo, hi=None):
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < lo or (
-        hi is not None and value > hi
-    ):
-        rng = f"{lo}..{hi}" if hi is not None else f">= {lo}"
-        raise ValueError(f"{name} must be an integer {rng}, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not lo <= value <= (hi or value):
+        raise ValueError(f"{name} must be an integer {f'{lo}..{hi}' if hi is not None else f'>= {lo}'}, got {value!r}")
     return int(value)
+
+
+def _finite(value, what):
+    """``value`` if finite, else a ValueError: the inputs overflow float64 (not a minimiser's property)."""
+    if not np.all(np.isfinite(value)):
+        raise ValueError(f"{what} is not finite: X, y, S or lam overflow float64 at this scale; rescale them")
+    return value
 
 
 # --------------------------------------------------------------------------------------------
@@ -294,6 +285,7 @@ def _check_int(value, name, lo, hi=None):
 # --------------------------------------------------------------------------------------------
 
 
+@_QUIET
 def erm_objective(X, y, S, loss="cross_entropy", reg="nuclear", lam=0.01, beta=1.0) -> float:
     """``sum_mu loss(y_mu, h(S; X_mu)) + reg(S)`` (docs/theory.md §4).
 
@@ -313,9 +305,10 @@ def erm_objective(X, y, S, loss="cross_entropy", reg="nuclear", lam=0.01, beta=1
         ev = np.linalg.eigvalsh(S)
         if ev[0] < -1e-10 * max(np.abs(ev).max(), 1e-300):
             return float("inf")
-    return _Problem(X, y, loss, reg, lam, beta).objective(S)
+    return _finite(_Problem(X, y, loss, reg, lam, beta).objective(S), "the objective")
 
 
+@_QUIET
 def erm_gradient(X, y, S, loss="cross_entropy", reg="nuclear", lam=0.01, beta=1.0) -> np.ndarray:
     """Gradient of :func:`erm_objective` w.r.t. symmetric S, shape ``(d, d)``.
 
@@ -330,9 +323,10 @@ def erm_gradient(X, y, S, loss="cross_entropy", reg="nuclear", lam=0.01, beta=1.
         G[np.diag_indices(d)] += lam * d
     else:
         G += lam * d * S
-    return G
+    return _finite(G, "the gradient")
 
 
+@_QUIET
 def kkt_residual(X, y, S, loss="cross_entropy", reg="nuclear", lam=0.01, beta=1.0) -> float:
     """Natural optimality residual at S (zero iff S is the minimiser), Frobenius norm.
 
@@ -341,7 +335,7 @@ def kkt_residual(X, y, S, loss="cross_entropy", reg="nuclear", lam=0.01, beta=1.
     """
     X, y, loss, reg, lam, beta = _validate(X, y, loss, reg, lam, beta)
     S = check_symmetric(S, "S", d=X.shape[2])
-    return _Problem(X, y, loss, reg, lam, beta).residual(S)
+    return _finite(_Problem(X, y, loss, reg, lam, beta).residual(S), "the KKT residual")
 
 
 # --------------------------------------------------------------------------------------------
@@ -425,7 +419,11 @@ def _run_lbfgs(fun, x0, problem, scale, tol, max_iter, record, times, t_start):
         remaining = max_iter - n_iter
         if remaining <= 0:
             break
-        _, g0 = fun(x)
+        f0, g0 = fun(x)
+        if not (np.isfinite(f0) and np.all(np.isfinite(g0)) and np.isfinite(scale)):
+            message = f"the objective or its gradient is not finite at iteration {n_iter}"
+            best = best or (x, math.inf)
+            break
         gscale = max(float(np.max(np.abs(g0))), 1e-300)
         res = minimize(
             fun,
@@ -503,6 +501,10 @@ def _run_fista(problem: _Problem, S0, width, scale, tol, max_iter, times, t_star
     for k in range(1, max_iter + 1):
         if grow:
             step /= 0.9  # mild increase; backtracking brings it back
+        if not (np.isfinite(L_Y) and np.all(np.isfinite(Y - step * G_Y)) and np.isfinite(scale)):
+            k -= 1  # no eigh of a non-finite matrix; the run is flagged diverged
+            message = f"the objective or its gradient is not finite at iteration {k}"
+            break
         while True:
             S_new = _prox(Y - step * G_Y, step, problem, width)
             D = S_new - Y
@@ -543,6 +545,7 @@ def _run_fista(problem: _Problem, S0, width, scale, tol, max_iter, times, t_star
 # --------------------------------------------------------------------------------------------
 
 
+@_QUIET
 def direct_erm(
     X,
     y,
@@ -609,7 +612,7 @@ def direct_erm(
     n_starts = _check_int(n_starts, "n_starts", 0)
     if n_starts == 0 and S0 is None:
         raise ValueError("n_starts must be >= 1 when no S0 is given (there would be no start)")
-    rng = check_rng(random_state)
+    rng = check_rng(random_state, "random_state")
 
     problem = _Problem(X, y, loss, reg, lam, beta)
     scale = problem.scale()
@@ -624,25 +627,18 @@ def direct_erm(
         run = _solve(problem, method, S_init, W_init, width, m, scale, tol, max_iter, rng, times, t_start)
         runs.append(run + (np.asarray(times, dtype=np.float64),))
     objectives = np.array([run[1] for run in runs])
-    best = int(np.argmin(objectives))  # the earliest among exact ties
+    best = int(np.argmin(np.where(np.isnan(objectives), np.inf, objectives)))  # earliest among exact ties
     S, objective, r, n_iter, history, converged, message, times = runs[best]
-    return ERMResult(
-        S=S,
-        objective=objective,
-        n_iter=int(n_iter),
-        converged=bool(converged),
-        history=history,
-        grad_norm=float(r),
-        grad_scale=float(scale),
-        method=method,
-        message=message,
-        width=width,
-        times=times,
-        start_objectives=objectives,
-        start_residuals=np.array([run[2] for run in runs]) / scale,
-        start_labels=tuple(label for label, _, _ in starts),
-        best_start=best,
-    )
+    diverged = not all(np.all(np.isfinite(v)) for v in (S, objective, r, scale, history))
+    if diverged:
+        where = int(np.argmin(np.isfinite(history))) + 1 if not np.all(np.isfinite(history)) else n_iter
+        message = (f"diverged: at iteration {where} the objective (or its gradient / KKT residual) is not "
+                   f"finite (objective {objective:g}): overflow at this scale of X, y or lam ({message})")
+    return ERMResult(S=S, objective=objective, n_iter=int(n_iter), converged=bool(converged) and not diverged,
+                     history=history, grad_norm=float(r), grad_scale=float(scale), method=method, message=message,
+                     width=width, times=times, start_objectives=objectives,
+                     start_residuals=np.array([run[2] for run in runs]) / scale,
+                     start_labels=tuple(label for label, _, _ in starts), best_start=best, diverged=diverged)
 
 
 def _random_start(j, d, m, reg, method, rng):
@@ -696,4 +692,6 @@ def _solve(problem, method, S_init, W_init, width, m, scale, tol, max_iter, rng,
         S = record["S"]
         converged = bool(r <= max(tol, LBFGS_FLOOR) * scale)
     S = 0.5 * (S + S.T)
+    if not np.all(np.isfinite(S)):  # keep the (finite) start point
+        S = S_init if S_init is not None else W_init @ W_init.T
     return S, problem.objective(S), float(r), int(n_iter), history, bool(converged), message

@@ -17,12 +17,13 @@ from dataclasses import replace
 import numpy as np
 from sklearn.base import BaseEstimator
 
-from ._validation import as_float_array, check_nonnegative, check_symmetric, check_tokens
+from ._validation import check_nonnegative, check_positive, check_symmetric, check_targets, check_tokens
 from .amp import AMPResult, gamp
 from .bayes_outputs import bayes_output
 from .denoisers import RIEDenoiser, make_denoiser
 from .loop import check_callback, check_damping, check_max_iter
 from .losses import make_loss
+from .model import check_channel
 from .operator import forward_whitened
 from .se import state_evolution
 from .spectral import SpectralLaw
@@ -31,13 +32,20 @@ from .whitening import unwhiten
 __all__ = ["GAMPEstimator", "ERMAttention", "BayesAttention"]
 
 
-def check_targets_for(y, X) -> np.ndarray:
-    """Targets ``y (n, T, T)`` matching tokens ``X (n, T, d)``, float64, C-contiguous."""
-    y = as_float_array(y, "y", ndim=3)
+def check_targets_for(y, X, loss=None) -> np.ndarray:
+    """Targets ``y (n, T, T)`` matching tokens ``X (n, T, d)``, float64, C-contiguous; for
+    ``loss='cross_entropy'`` the rows must be probability vectors (as :func:`~amp_attention.erm.direct_erm`
+    requires)."""
     n, T, _ = X.shape
-    if y.shape != (n, T, T):
-        raise ValueError(f"y must have shape (n, T, T) = {(n, T, T)} to match X, got {y.shape}")
-    return np.ascontiguousarray(y)
+    return check_targets(y, n, T, stochastic=loss == "cross_entropy", what=f" for loss={loss!r}")
+
+
+def _finite_output(out, what):
+    """``out`` when finite; else a ValueError: the tokens' scale overflows the fitted model."""
+    if not np.all(np.isfinite(out)):
+        raise ValueError(f"{what} is not finite: X is too large for the fitted S_ (the preactivations "
+                         f"x_a^T S x_b / sqrt(d) overflow float64); rescale X")
+    return out
 
 
 class GAMPEstimator(BaseEstimator):
@@ -48,7 +56,7 @@ class GAMPEstimator(BaseEstimator):
     """
 
     def _check_loop_params(self):
-        if self.variance not in ("sample", "scalar"):
+        if not isinstance(self.variance, str) or self.variance not in ("sample", "scalar"):
             raise ValueError(f"variance must be 'sample' or 'scalar', got {self.variance!r}")
         check_max_iter(self.max_iter)
         check_nonnegative(self.tol, "tol")
@@ -74,20 +82,23 @@ class GAMPEstimator(BaseEstimator):
         return X
 
     def decision_function(self, X):
-        """Preactivations ``h(S_; X)``, shape (n, T, T)."""
+        """Preactivations ``h(S_; X)``, shape (n, T, T); ValueError if they overflow."""
         X = self._check_fitted(X)
-        return unwhiten(forward_whitened(X, self.S_), X.shape[1])
+        with np.errstate(all="ignore"):
+            return _finite_output(unwhiten(forward_whitened(X, self.S_), X.shape[1]), "decision_function(X)")
 
     def predict(self, X):
         """Model output per sample, shape (n, T, T): the output factor's link of ``h(S_; X)``."""
         h = self.decision_function(X)
-        return self.output_.link(h)
+        with np.errstate(all="ignore"):
+            return _finite_output(self.output_.link(h), "predict(X)")
 
     def score(self, X, y):
         """Minus the mean per-sample test error ``||y - predict(X)||_F^2`` (higher is better)."""
         X = self._check_fitted(X)
         y = check_targets_for(y, X)
-        return -float(np.mean(np.sum((y - self.predict(X)) ** 2, axis=(1, 2))))
+        with np.errstate(all="ignore"):
+            return -float(_finite_output(np.mean(np.sum((y - self.predict(X)) ** 2, axis=(1, 2))), "score(X, y)"))
 
 
 class ERMAttention(GAMPEstimator):
@@ -132,16 +143,20 @@ class ERMAttention(GAMPEstimator):
         ``['se_m']``, ``['se_q']`` (same initialisation, free input side at ``S_star``'s exact
         spectrum, ``alpha = n/d^2``).
         """
+        check_positive(self.beta, "beta")
         output = make_loss(self.loss, self.beta)
         denoiser = make_denoiser(self.reg, self.lam, self.width)
         self._check_loop_params()
         X = check_tokens(X)
-        y = check_targets_for(y, X)
         output.check_T(X.shape[1])
+        y = check_targets_for(y, X, self.loss)
         if S_star is not None:
             S_star = check_symmetric(S_star, "S_star", d=X.shape[2])
-        if channel is not None and S_star is None:
-            raise ValueError("recording the SE prediction (channel=...) needs S_star")
+        check_callback(callback)
+        if channel is not None:
+            check_channel(channel)
+            if S_star is None:
+                raise ValueError("recording the SE prediction (channel=...) needs S_star")
         res = gamp(X, y, output, denoiser, variance=self.variance, damping=self.damping,
                    max_iter=int(self.max_iter), tol=float(self.tol), S_star=S_star, callback=callback)
         self._store(res, X.shape[2])

@@ -15,7 +15,11 @@ A loop body computes the next state from the current one; the scaffold owns ever
   ``max_iter`` reached, which emits a :class:`sklearn.exceptions.ConvergenceWarning` when
   ``tol > 0``;
 * the divergence flag: a loop that meets a non-finite or out-of-domain quantity calls
-  :meth:`Loop.diverge` and keeps its last finite state.
+  :meth:`Loop.diverge` and keeps its last finite state.  :meth:`Loop.finite` checks named
+  intermediate quantities (before they reach a factor, e.g. ``eigh``), and :meth:`Loop.record`
+  refuses a non-finite history entry: the loop is flagged (``diverged=True``, a message naming the
+  iteration and the quantities) and the entry is not recorded.  Entries listed in ``nan_ok`` are
+  NaN by design (e.g. ``mse`` without a teacher) and are exempt;
 
 Adaptive damping (``damping='auto'``), in the manner of adaptive-damping GAMP: the loop runs
 undamped (``delta = 0``, step size ``theta = 1 - delta = 1``) while the iteration contracts, and
@@ -42,7 +46,8 @@ Usage::
         new = loop.update(new, old)           # a tuple of arrays/floats, mixed component-wise
         if not finite:
             loop.diverge(f"iteration {t}: ..."); break
-        loop.record(key=value, ...)
+        if not loop.record(key=value, ...):      # False: a non-finite entry, flagged
+            break
         if loop.finished(change, callback_args=(t, ...)):
             break
     outcome = loop.outcome()                  # n_iter, converged, diverged, message, history
@@ -114,14 +119,16 @@ class Loop:
     damping : ``'auto'``, a float in [0, 1) or a sequence of them (see the module docstring).
     callback : None or a callable; its return value True stops the loop.
     unit : the word used in messages ("iteration" for GAMP, "step" for the SE).
+    nan_ok : history keys whose entries may be NaN by design (placeholders); not inf.
     """
 
-    def __init__(self, keys, *, max_iter, tol, damping=0.0, callback=None, unit="iteration"):
+    def __init__(self, keys, *, max_iter, tol, damping=0.0, callback=None, unit="iteration", nan_ok=()):
         self.max_iter = check_max_iter(max_iter)
         self.tol = check_nonnegative(tol, "tol")
         self.damping = check_damping(damping)
         self.callback = check_callback(callback)
         self.unit = unit
+        self.nan_ok = frozenset(nan_ok)
         self.history = {k: [] for k in keys}
         self.history["damping"] = []
         self.n_iter = 0
@@ -207,12 +214,29 @@ class Loop:
         self.message = message
         self._stopped = True
 
-    def record(self, **values) -> None:
-        """Append one iteration's values and count the iteration."""
+    def finite(self, **values) -> bool:
+        """True when every named value (scalar or array) is finite; else flag divergence with a
+        message naming the current iteration and the non-finite quantities, and return False."""
+        with np.errstate(all="ignore"):
+            bad = [k for k, v in values.items() if not np.all(np.isfinite(v))]
+        if bad:
+            self.diverge(f"{self.unit} {max(self._t, 0)}: non-finite {', '.join(bad)} "
+                         f"(overflow or invalid arithmetic); kept the last finite state")
+        return not bad
+
+    def record(self, **values) -> bool:
+        """Append one iteration's values and count the iteration.
+
+        Returns False, records nothing and flags divergence (:meth:`finite`) when a value is not
+        finite, except NaN in the keys of ``nan_ok``."""
+        if not self.finite(**{k: v for k, v in values.items()
+                              if not (k in self.nan_ok and np.isnan(v))}):
+            return False
         for k, v in values.items():
             self.history[k].append(v)
         self.history["damping"].append(self.last_damping)
         self.n_iter = self._t + 1
+        return True
 
     def finished(self, change: float, callback_args=()) -> bool:
         """Apply the callback and the stop rule after :meth:`record`; True means break."""

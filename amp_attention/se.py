@@ -32,13 +32,14 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ._validation import check_nonnegative, check_positive, check_T
+from ._validation import check_nonnegative, check_positive, check_rng, check_T
 from .bayes_outputs import bayes_output
 from .denoisers import RIEDenoiser, make_denoiser
 from .factors import Overlaps
 from .loop import Loop
 from .losses import make_loss
 from .model import Teacher, as_spectral_law, check_channel
+from .output_sample import METHODS as RULES
 from .output_sample import OutputSample
 from .whitening import n_pairs
 
@@ -48,6 +49,9 @@ __all__ = ["SEResult", "BayesSEResult", "state_evolution", "bayes_state_evolutio
 # --------------------------------------------------------------------------------------------
 # The loop
 # --------------------------------------------------------------------------------------------
+
+#: Overflow is detected (non-finite state / predictions -> flagged), not warned about.
+_QUIET = np.errstate(over="ignore", invalid="ignore", divide="ignore")
 
 SE_HISTORY_KEYS = ("m", "q", "V", "mse", "A_hat", "m_hat", "q_hat", "a", "Delta",
                    "stderr_A_hat", "stderr_m_hat", "stderr_q_hat", "time")
@@ -98,6 +102,7 @@ class SEResult:
 BayesSEResult = SEResult  # the Bayes-optimal SE returns the same result type
 
 
+@_QUIET
 def iterate_se(output, denoiser, sample, overlaps, *, init, max_iter, tol, damping, callback,
                change, mse_floor=None, what="the state evolution"):
     """Run the SE loop; returns ``(state, last conjugates, loop outcome)``.
@@ -112,7 +117,7 @@ def iterate_se(output, denoiser, sample, overlaps, *, init, max_iter, tol, dampi
     with ``diverged=True`` and a message naming the step and the reason.
     """
     Q = sample.Q
-    state = tuple(float(v) for v in init)
+    state = _check_init(init, Q)
     loop = Loop(SE_HISTORY_KEYS, max_iter=max_iter, tol=tol, damping=damping, callback=callback, unit="step")
     last = (None, None, None)
     prev = None  # (previous state, its raw update target): where a backtrack restarts from
@@ -123,14 +128,14 @@ def iterate_se(output, denoiser, sample, overlaps, *, init, max_iter, tol, dampi
             A_hat, m_hat, q_hat, err = output.se_conjugates(sample, m, q, V)          # steps 1-3
             if not (np.isfinite(A_hat) and A_hat > 0 and np.isfinite(q_hat) and np.isfinite(m_hat)):
                 return f"step {t}: output side not finite (A_hat={A_hat}, m_hat={m_hat}, q_hat={q_hat})"
-            a, Delta = m_hat / A_hat, q_hat / (2 * A_hat**2)                           # step 4
+            a, Delta = m_hat / A_hat, _half_ratio_sq(q_hat, A_hat)                     # step 4
             if not Delta > 0:
                 return f"step {t}: Delta = {Delta} <= 0 (the output side carries no information)"
             raw = tuple(float(v) for v in overlaps(a, Delta, A_hat))                   # steps 5-6
             if not all(np.isfinite(v) for v in raw) or raw[1] < 0 or raw[2] < 0:
                 return f"step {t}: order parameters out of domain (m, q, V) = {raw}"
-        except (ValueError, ArithmeticError, np.linalg.LinAlgError) as exc:
-            return f"step {t}: {type(exc).__name__}: {exc}"
+        except (ValueError, ArithmeticError, RuntimeError, np.linalg.LinAlgError) as exc:
+            return f"step {t}: {type(exc).__name__}: {exc}"  # (numerical trouble of a factor)
         return (A_hat, m_hat, q_hat, err, a, Delta), raw
 
     for t in loop:
@@ -155,17 +160,28 @@ def iterate_se(output, denoiser, sample, overlaps, *, init, max_iter, tol, dampi
         prev = (state, raw)
         state = tuple(float(v) for v in new)
         m, q, V = state
-        last = (A_hat, a, Delta)
         mse = Q - 2 * m + q
-        loop.record(m=m, q=q, V=V, mse=mse, A_hat=A_hat, m_hat=m_hat, q_hat=q_hat, a=a, Delta=Delta,
-                    stderr_A_hat=err["A_hat"], stderr_m_hat=err["m_hat"], stderr_q_hat=err["q_hat"],
-                    time=time.perf_counter() - t0)
+        if not loop.record(m=m, q=q, V=V, mse=mse, A_hat=A_hat, m_hat=m_hat, q_hat=q_hat, a=a, Delta=Delta,
+                           stderr_A_hat=err["A_hat"], stderr_m_hat=err["m_hat"], stderr_q_hat=err["q_hat"],
+                           time=time.perf_counter() - t0):
+            state = recorded
+            break
+        last = (A_hat, a, Delta)
         if mse_floor is not None and mse <= mse_floor * Q:
             loop.converge(f"perfect recovery: mse = {mse:.3g} <= {mse_floor:g} Q* after {loop.n_iter} steps")
             break
         if loop.finished(delta, callback_args=(t, loop.history)):
             break
     return state, last, loop.outcome(what)
+
+
+def _half_ratio_sq(q_hat, A_hat):
+    """``q_hat / (2 A_hat^2)`` for ``A_hat > 0``, also where ``A_hat^2`` over- or underflows
+    (alpha near the ends of the float range)."""
+    A2 = A_hat * A_hat
+    if A2 == 0.0 or not np.isfinite(A2):
+        return (q_hat / A_hat) / (2.0 * A_hat)
+    return q_hat / (2 * A2)
 
 
 def _erm_change(old, new):
@@ -175,8 +191,59 @@ def _erm_change(old, new):
 
 def _channel_beta(channel, beta):
     if beta is not None:
-        return beta
+        return check_positive(beta, "beta")
     return getattr(channel, "beta", 1.0)
+
+
+def _check_init(init, Q):
+    """``init``: None -> ``(0, 0, 1)``; else three finite numbers ``(m, q, V)`` (a sequence, or a
+    mapping / object with ``m``, ``q``, ``V``) with ``q >= 0``, ``V > 0``, ``m^2 <= q Q*``."""
+    if init is None:
+        return 0.0, 0.0, 1.0
+    if isinstance(init, dict):
+        vals = [init.get(k) for k in ("m", "q", "V")]
+    elif all(hasattr(init, k) for k in ("m", "q", "V")):
+        vals = [getattr(init, k) for k in ("m", "q", "V")]
+    elif isinstance(init, (list, tuple, np.ndarray)) and np.ndim(init) == 1 and len(init) == 3:
+        vals = list(init)
+    else:
+        raise ValueError(f"init must be None or three numbers (m, q, V) (a sequence or a mapping with keys "
+                         f"'m', 'q', 'V'), got {init!r}")
+    for k, v in zip(("m", "q", "V"), vals):
+        if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, float, np.integer, np.floating)) \
+                or not np.isfinite(v):
+            raise ValueError(f"init must hold three finite numbers (m, q, V), got {k} = {v!r}")
+    m, q, V = (float(v) for v in vals)
+    if not (q >= 0 and V > 0 and m * m <= q * Q * (1 + 1e-9)):
+        raise ValueError(f"init must satisfy q >= 0, V > 0, m^2 <= q Q*, got {(m, q, V)}")
+    return m, q, V
+
+
+def _check_flag(x, name):
+    if not isinstance(x, (bool, np.bool_)):
+        raise ValueError(f"{name} must be True or False, got {x!r}")
+    return bool(x)
+
+
+def _predict(compute):
+    """``compute()`` -> dict of predictions at the last state, or (None, reason) when one is not
+    finite or its evaluation fails numerically."""
+    try:
+        with np.errstate(all="ignore"):
+            out = compute()
+    except (ValueError, ArithmeticError, RuntimeError, np.linalg.LinAlgError) as exc:
+        return None, f"{type(exc).__name__}: {exc}"
+    bad = [k for k, v in out.items() if v is not None and not np.isfinite(v)]
+    if bad:
+        return None, f"{', '.join(bad)} not finite"
+    return out, None
+
+
+def _flag_predictions(outcome, reason, n_iter):
+    """The result carries no predictions: flag it (a fixed point without finite predictions)."""
+    outcome.update(converged=False, diverged=True,
+                   message=f"{outcome['message']}; step {max(n_iter - 1, 0)}: the predictions at the last "
+                           f"state failed ({reason}); predictions set to None")
 
 
 def _input_overlaps(denoiser, law, input_side, eigenvalues, n_draws, seed):
@@ -192,6 +259,7 @@ def _input_overlaps(denoiser, law, input_side, eigenvalues, n_draws, seed):
     raise ValueError(f"input_side must be 'free' or 'finite', got {input_side!r}")
 
 
+@_QUIET
 def state_evolution(alpha, T, teacher, channel, loss="cross_entropy", reg="nuclear", lam=0.05,
                     beta=None, *, spectrum="exact", input_side="free", n_mc=100_000, n_draws=4,
                     max_iter=200, tol=1e-8, damping="auto", seed=0, predictions=True,
@@ -221,13 +289,25 @@ def state_evolution(alpha, T, teacher, channel, loss="cross_entropy", reg="nucle
         (``m, q, V <- (1 - damping) new + damping old``) or a schedule (e.g. GAMP's
         ``history['damping']``, to compare the two iteration by iteration).
     callback : optional ``callback(t, history)``; returning True stops.
-    init : optional starting ``(m, q, V)`` (default ``(0, 0, 1)``, GAMP's ``S^0 = 0, V^0 = 1``); a
-        neighbouring fixed point speeds up curves in alpha.
+    init : optional starting ``(m, q, V)`` (default ``(0, 0, 1)``, GAMP's ``S^0 = 0, V^0 = 1``): three
+        finite numbers, as a sequence or a mapping (or object) with ``m``, ``q``, ``V``, with ``q >= 0``,
+        ``V > 0``, ``m^2 <= q Q*``; a neighbouring fixed point speeds up curves in alpha.
+
+    Every argument is checked before the first step (a ValueError naming it).  The loop never
+    raises on a valid problem: a non-finite or out-of-domain quantity stops it with
+    ``diverged=True`` and a message naming the step (:func:`iterate_se`), and predictions that are
+    not finite at the last state are set to None with the result flagged the same way.  Any
+    ``alpha > 0`` that is a float is accepted: ``A_hat^2`` is never formed when it would over- or
+    underflow.
     """
     alpha = check_positive(alpha, "alpha")
     T = check_T(T)
     channel = check_channel(channel)
     beta = _channel_beta(channel, beta)
+    check_rng(seed, "seed")
+    predictions = _check_flag(predictions, "predictions")
+    if not isinstance(output_rule, str) or output_rule not in RULES:
+        raise ValueError(f"output_rule must be one of {RULES}, got {output_rule!r}")
     output = make_loss(loss, beta)
     output.check_T(T)
     if prox_start != "global":
@@ -241,19 +321,22 @@ def state_evolution(alpha, T, teacher, channel, loss="cross_entropy", reg="nucle
     Q = law.Q
     sample = OutputSample(alpha, T, Q, channel, n_mc=n_mc, seed=seed, method=output_rule)
     overlaps = _input_overlaps(denoiser, law, input_side, eig, n_draws, seed)
-    m, q, V = (0.0, 0.0, 1.0) if init is None else (float(v) for v in init)
-    if not (q >= 0 and V > 0 and m * m <= q * Q * (1 + 1e-9)):
-        raise ValueError(f"init must satisfy q >= 0, V > 0, m^2 <= q Q*, got {(m, q, V)}")
+    m, q, V = _check_init(init, Q)
     (m, q, V), (A_hat, a, Delta), outcome = iterate_se(
         output, denoiser, sample, overlaps, init=(m, q, V), max_iter=max_iter, tol=tol,
         damping=damping, callback=callback, change=_erm_change, what="the ERM state evolution")
     test_error = test_error_noisy = train_loss = train_objective = None
     if predictions and outcome["n_iter"]:
-        test_error = sample.test_error(m, q)
-        test_error_noisy = sample.test_error_noisy(m, q)
-        train_loss = output.se_train_loss(sample, m, q, V)
-        penalty = denoiser.se_penalty(law, a, Delta, A_hat, Overlaps(m, q, V))
-        train_objective = alpha * train_loss + penalty
+        def compute():  # (in this order: the 'mc' rule may draw as it goes)
+            out = {"test_error": sample.test_error(m, q), "test_error_noisy": sample.test_error_noisy(m, q),
+                   "train_loss": output.se_train_loss(sample, m, q, V)}
+            penalty = denoiser.se_penalty(law, a, Delta, A_hat, Overlaps(m, q, V))
+            return dict(out, train_objective=alpha * out["train_loss"] + penalty)
+        pred, reason = _predict(compute)
+        if pred is None:
+            _flag_predictions(outcome, reason, outcome["n_iter"])
+        else:
+            test_error, test_error_noisy, train_loss, train_objective = pred.values()
     params = {"alpha": alpha, "T": T, "loss": loss, "reg": reg, "lam": lam, "beta": beta,
               "spectrum": spectrum, "input_side": input_side, "n_mc": n_mc, "output_rule": output_rule,
               "prox_start": prox_start, "law": repr(law)}
@@ -268,6 +351,7 @@ def _bayes_change(old, new):
     return abs(new[2] - old[2]) / new[2] if new[2] > 0 else 0.0
 
 
+@_QUIET
 def bayes_state_evolution(alpha, T, law, channel, max_iter=1000, tol=1e-10, damping="auto", *,
                           q0=0.0, mse_floor=1e-12, callback=None, predictions=False, n_mc=100_000,
                           seed=0, output_rule="auto") -> SEResult:
@@ -300,6 +384,10 @@ def bayes_state_evolution(alpha, T, law, channel, max_iter=1000, tol=1e-10, damp
     """
     alpha = check_positive(alpha, "alpha")
     T = check_T(T)
+    check_rng(seed, "seed")
+    predictions = _check_flag(predictions, "predictions")
+    if not isinstance(output_rule, str) or output_rule not in RULES:
+        raise ValueError(f"output_rule must be one of {RULES}, got {output_rule!r}")
     output = bayes_output(channel)
     output.check_T(T)
     denoiser = RIEDenoiser(law, name="law")
@@ -318,7 +406,12 @@ def bayes_state_evolution(alpha, T, law, channel, max_iter=1000, tol=1e-10, damp
     perfect = outcome["converged"] and outcome["message"].startswith("perfect recovery")
     test_error = test_error_noisy = None
     if predictions and outcome["n_iter"]:
-        test_error, test_error_noisy = sample.test_error(m, q), sample.test_error_noisy(m, q)
+        pred, reason = _predict(lambda: {"test_error": sample.test_error(m, q),
+                                                         "test_error_noisy": sample.test_error_noisy(m, q)})
+        if pred is None:
+            _flag_predictions(outcome, reason, outcome["n_iter"])
+        else:
+            test_error, test_error_noisy = pred.values()
     k_eff, noise = output.observed_components(T)
     params = {"alpha": alpha, "T": T, "K": n_pairs(T), "k_eff": k_eff, "noise": noise,
               "channel": repr(output), "law": repr(law), "damping": damping}

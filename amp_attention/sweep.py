@@ -39,10 +39,12 @@ import hashlib
 import itertools
 import json
 import math
+import numbers
 import os
 import sys
 import time
 import warnings
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -86,21 +88,29 @@ _CHOICES = {"teacher": ("wishart", "powerlaw", "lowrank"), "channel": ("softmax"
 
 
 def _normalise(name, v):
-    """A parameter value in canonical Python form (so equal values hash equally)."""
+    """A parameter value in canonical Python form (so equal values hash equally); a numeric string
+    (``'0.1'``) is read as its number.  Errors name the parameter."""
     if isinstance(v, np.generic):
         v = v.item()
-    if name in _FLOAT:
-        v = float(v)
-        if not math.isfinite(v):
-            raise ValueError(f"sweep: {name} must be finite, got {v!r}")
-        return v
+    numeric = name in _FLOAT or name in _INT or (name == "damping" and not (isinstance(v, str) and v == "auto"))
+    if numeric and isinstance(v, str):
+        try:
+            v = float(v)
+        except ValueError:
+            pass
+    if numeric and (isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v)):
+        what = "a finite number or 'auto'" if name == "damping" else "a finite number"
+        raise ValueError(f"sweep: {name} must be {what}, got {v!r}")
     if name in _INT:
-        if isinstance(v, float) and not v.is_integer():
+        if v != int(v):
             raise ValueError(f"sweep: {name} must be an integer, got {v!r}")
         return int(v)
+    if numeric:
+        return float(v)
     if name == "damping":
-        return v if v == "auto" else float(v)
-    v = str(v)
+        return v
+    if not isinstance(v, str):
+        raise ValueError(f"sweep: {name} must be a string, got {v!r}")
     if name in _CHOICES and v not in _CHOICES[name]:
         raise ValueError(f"sweep: {name} must be one of {_CHOICES[name]}, got {v!r}")
     return v
@@ -108,9 +118,11 @@ def _normalise(name, v):
 
 def _points(kind, grid):
     """The Cartesian product of ``grid`` over the kind's defaults: a list of full parameter dicts."""
-    if kind not in PARAMETERS:
+    if not isinstance(kind, str) or kind not in PARAMETERS:
         raise ValueError(f"sweep: unknown kind {kind!r}; expected one of {', '.join(KINDS)}")
     spec = PARAMETERS[kind]
+    if not isinstance(grid, Mapping):
+        raise ValueError(f"sweep: grid must be a mapping from parameter names to lists of values, got {grid!r}")
     grid = dict(grid)
     unknown = [k for k in grid if k not in spec]
     if unknown:
@@ -374,7 +386,7 @@ def _open_executor(executor, jobs):
     if isinstance(executor, (int, np.integer)) or executor == "processes":
         n = int(executor) if not isinstance(executor, str) else int(jobs or os.cpu_count() or 1)
         if n < 1:
-            raise ValueError(f"sweep: the number of jobs must be >= 1, got {n}")
+            raise ValueError(f"sweep: the number of jobs (executor={executor!r}, jobs={jobs!r}) must be >= 1, got {n}")
         if n == 1:
             return _Serial(), (lambda: None), True
         import multiprocessing
@@ -470,6 +482,17 @@ def _cache_store(cache, key, kind, p, s, row):
 # --------------------------------------------------------------------------------------------
 
 
+def _check_seeds(seeds):
+    """``seeds``: an integer >= 1 (indices ``0..seeds-1``) or a non-empty list of integers >= 0."""
+    def is_int(s, lo):
+        return isinstance(s, numbers.Integral) and not isinstance(s, (bool, np.bool_)) and s >= lo
+    if is_int(seeds, 1):
+        return list(range(int(seeds)))
+    if isinstance(seeds, (list, tuple, range, np.ndarray)) and len(seeds) and all(is_int(s, 0) for s in seeds):
+        return [int(s) for s in seeds]
+    raise ValueError(f"sweep: seeds must be an integer >= 1 or a non-empty list of integers >= 0, got {seeds!r}")
+
+
 def sweep(kind, grid, seeds=1, executor=None, cache=None, progress=True, jobs=None):
     """Evaluate ``kind`` on every point of the grid for every seed; see the module docstring.
 
@@ -493,9 +516,13 @@ def sweep(kind, grid, seeds=1, executor=None, cache=None, progress=True, jobs=No
     import pandas as pd
 
     points = _points(kind, grid)
-    seed_list = list(range(int(seeds))) if np.ndim(seeds) == 0 else [int(s) for s in seeds]
-    if not seed_list:
-        raise ValueError("sweep: seeds must be >= 1 (or a non-empty list)")
+    seed_list = _check_seeds(seeds)
+    if not isinstance(progress, (bool, np.bool_)):
+        raise ValueError(f"sweep: progress must be True or False, got {progress!r}")
+    if jobs is not None and (isinstance(jobs, bool) or not isinstance(jobs, numbers.Integral) or jobs < 1):
+        raise ValueError(f"sweep: jobs must be None or an integer >= 1, got {jobs!r}")
+    if cache is not None and not isinstance(cache, (str, os.PathLike)):
+        raise ValueError(f"sweep: cache must be None or a directory path, got {cache!r}")
     tasks = [(p, s) for p in points for s in seed_list]  # row order: grid product, seeds innermost
     rows = [None] * len(tasks)
     cached_flags = [False] * len(tasks)
@@ -514,7 +541,11 @@ def sweep(kind, grid, seeds=1, executor=None, cache=None, progress=True, jobs=No
             before = [tasks[k][0]["alpha"] for k in u[:j]] if kind == "se" else None
             keys[i] = _cache_key(kind, tasks[i][0], tasks[i][1], before)
     if cache is not None:
-        Path(cache).mkdir(parents=True, exist_ok=True)
+        try:
+            Path(cache).mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ValueError(f"sweep: cache must be a directory that can be created and written, got {cache!r}: "
+                             f"{exc}") from None
         for i, key in enumerate(keys):
             row = _cache_load(cache, key)
             if row is not None:

@@ -11,12 +11,15 @@ The ``g_out`` methods of the loss classes also accept ``V = 0`` (scalar or all-z
 
 * :func:`prepare_variance` validates any of these shapes and returns it with its Cholesky factor;
 * :class:`GramVariance` holds the shapes ``Gamma`` (validated, Cholesky-factored and inverted once
-  per GAMP run), so that only the scalar ``v`` of ``V_mu = v Gamma_mu`` changes across iterations.
+  per GAMP run), so that only the scalar ``v`` of ``V_mu = v Gamma_mu`` changes across iterations;
+* :func:`sample_variance` builds GAMP's ``variance='sample'`` shapes from the sample Gram matrices,
+  falling back to the scalar shapes ``Gamma_mu = I_K`` (with a warning) when they are unusable.
 """
 
 from __future__ import annotations
 
 import numbers
+import warnings
 
 import numpy as np
 
@@ -24,6 +27,7 @@ from ._validation import as_float_array
 
 __all__ = [
     "GramVariance",
+    "sample_variance",
     "prepare_variance",
     "inverse_from_cholesky",
     "is_positive_scalar",
@@ -125,6 +129,35 @@ class GramVariance:
     def weighted_trace(self, dg: np.ndarray) -> np.ndarray:
         """``Tr(Gamma_mu dg_mu)`` per sample for ``dg (n, K, K)``."""
         return np.sum(self.gamma * dg, axis=(1, 2))
+
+
+def sample_variance(gamma) -> GramVariance:
+    """GAMP's ``variance='sample'`` shapes: :class:`GramVariance` of the sample Gram matrices
+    ``Gamma_mu (n, K, K)``, or, when some ``Gamma_mu`` is not finite and positive definite, the scalar
+    shapes ``Gamma_mu = I_K`` (``variance='scalar'``) with a ``UserWarning``.
+
+    The fallback is the ``d -> infinity`` form of the same variances (``E Gamma_mu = I_K``): GAMP then
+    runs exactly as with ``variance='scalar'``.  It happens when ``K = T(T+1)/2 > d(d+1)/2`` (every
+    ``Gamma_mu``, of rank at most ``d(d+1)/2``, is singular: a tiny token dimension ``d``), for
+    degenerate tokens (e.g. a sequence of zero or repeated tokens), or when the tokens' scale
+    over- or underflows the Gram matrices.
+    """
+    K = gamma.shape[-1]
+    with np.errstate(all="ignore"):
+        finite = bool(np.all(np.isfinite(gamma)))
+    if finite:
+        try:
+            return GramVariance(gamma)
+        except ValueError:
+            pass
+    n = gamma.shape[0] if gamma.ndim == 3 else 1
+    N = None if gamma.ndim != 3 else "d(d+1)/2"
+    reason = ("not finite (the tokens' scale overflows them)" if not finite else
+              f"not all positive definite (K = {K} coordinates per sample need {N} >= K: is the token "
+              "dimension d too small, or are some tokens zero, repeated or tiny?)")
+    warnings.warn(f"variance='sample': the sample Gram matrices Gamma_mu of the {n} samples are {reason}; "
+                  "falling back to variance='scalar' (V_mu = V I_K)", UserWarning, stacklevel=3)
+    return GramVariance(np.eye(K))
 
 
 def is_zero_variance(V) -> bool:

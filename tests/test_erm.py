@@ -329,7 +329,7 @@ def _good(rng, T=2):
         ({"width": 2, "reg": "frobenius"}, "width"),
         ({"S0": np.ones((4, 4))}, "S0"),
         ({"S0": np.arange(25.0).reshape(5, 5)}, "S0"),
-        ({"random_state": "seed"}, "rng"),
+        ({"random_state": "seed"}, "random_state"),
         ({"n_starts": -1}, "n_starts"),
         ({"n_starts": 1.5}, "n_starts"),
         ({"n_starts": 0}, "n_starts"),
