@@ -62,6 +62,17 @@ class GAMPEstimator(BaseEstimator):
         check_nonnegative(self.tol, "tol")
         check_damping(self.damping)
 
+    def _check_tokens(self, X):
+        """Tokens for GAMP in the estimator's ``dtype``: None keeps a float32 array float32 (else
+        float64), 'float32' / 'float64' convert (a copy when the dtype changes)."""
+        dtype = getattr(self, "dtype", None)
+        if dtype is None:
+            return check_tokens(X, keep_float32=True)
+        if dtype not in ("float32", "float64", np.float32, np.float64):
+            raise ValueError(f"dtype must be None, 'float32' or 'float64', got {dtype!r}")
+        X = check_tokens(X, keep_float32=True)
+        return np.ascontiguousarray(X, dtype=np.dtype(dtype))
+
     def _store(self, res: AMPResult, d: int):
         self.result_ = res
         self.S_ = res.S
@@ -109,6 +120,9 @@ class ERMAttention(GAMPEstimator):
     {'nuclear' (``lam d Tr S``, S PSD, i.e. weight decay on ``S = W W^T`` of width ``width``),
     'frobenius' (``lam d / 2 ||S||_F^2``)}.  ``variance``, ``max_iter``, ``tol``, ``damping``
     (``'auto'``: adaptive, the default; a float; or a schedule) as in :func:`amp_attention.amp.gamp`.
+    ``dtype``: None (default: float32 tokens stay float32, anything else is float64), 'float32'
+    or 'float64'; float32 tokens halve the memory and run the GEMMs in float32, with every sum over
+    samples and every iterate in float64 (docs/theory.md §10; the stop tolerance is at least 1e-6).
     A fit that stops at ``max_iter`` without converging warns
     (:class:`sklearn.exceptions.ConvergenceWarning`) and sets ``converged_ = False``.  GAMP starts from ``S = 0`` and is deterministic (no random
     state).
@@ -123,7 +137,7 @@ class ERMAttention(GAMPEstimator):
     """
 
     def __init__(self, loss="cross_entropy", reg="nuclear", lam=0.01, beta=1.0, width=None,
-                 variance="sample", max_iter=200, tol=1e-8, damping="auto"):
+                 variance="sample", max_iter=200, tol=1e-8, damping="auto", dtype=None):
         self.loss = loss
         self.reg = reg
         self.lam = lam
@@ -133,6 +147,7 @@ class ERMAttention(GAMPEstimator):
         self.max_iter = max_iter
         self.tol = tol
         self.damping = damping
+        self.dtype = dtype
 
     def fit(self, X, y, S_star=None, callback=None, channel=None):
         """Run GAMP on ``X (n, T, d)``, ``y (n, T, T)``.
@@ -147,7 +162,7 @@ class ERMAttention(GAMPEstimator):
         output = make_loss(self.loss, self.beta)
         denoiser = make_denoiser(self.reg, self.lam, self.width)
         self._check_loop_params()
-        X = check_tokens(X)
+        X = self._check_tokens(X)
         output.check_T(X.shape[1])
         y = check_targets_for(y, X, self.loss)
         if S_star is not None:
@@ -190,7 +205,7 @@ class BayesAttention(GAMPEstimator):
     teacher_spectrum : :class:`SpectralLaw` of ``S*`` (prior: Haar eigenbasis, this spectrum), or a
         :class:`Teacher` (its exact finite-d eigenvalues are used as atoms).
     variance : ``'sample'`` (``V_mu = V Gamma_mu``) or ``'scalar'``; ``max_iter``, ``tol``,
-        ``damping`` as in :func:`amp_attention.amp.gamp`.
+        ``damping`` as in :func:`amp_attention.amp.gamp`; ``dtype`` as in :class:`ERMAttention`.
 
     Initialisation: ``S^0 = 0``, ``V^0 = Q*`` (the prior variance of ``z`` given ``omega = 0``;
     docs/theory.md §6), matching :func:`bayes_state_evolution` from ``q = 0``.
@@ -212,13 +227,15 @@ class BayesAttention(GAMPEstimator):
     per-sample ``||y - predict(X)||_F^2``.
     """
 
-    def __init__(self, channel, teacher_spectrum, variance="sample", max_iter=200, tol=1e-8, damping="auto"):
+    def __init__(self, channel, teacher_spectrum, variance="sample", max_iter=200, tol=1e-8, damping="auto",
+                 dtype=None):
         self.channel = channel
         self.teacher_spectrum = teacher_spectrum
         self.variance = variance
         self.max_iter = max_iter
         self.tol = tol
         self.damping = damping
+        self.dtype = dtype
 
     def fit(self, X, y, S_star=None, callback=None):
         """Run BO-GAMP on ``X (n, T, d)``, ``y (n, T, T)``; ``S_star`` (optional) records m and mse."""
@@ -226,7 +243,7 @@ class BayesAttention(GAMPEstimator):
         denoiser = RIEDenoiser(self.teacher_spectrum, name="teacher_spectrum")
         law = denoiser.law
         self._check_loop_params()
-        X = check_tokens(X)
+        X = self._check_tokens(X)
         n, T, d = X.shape
         y = check_targets_for(y, X)
         output.check_T(T)

@@ -23,7 +23,7 @@ def test_params_come_from_the_signature_and_clone_works():
     assert isinstance(est, BaseEstimator)
     p = est.get_params()
     assert p == {"loss": "square", "reg": "frobenius", "lam": 0.3, "beta": 1.0, "width": None,
-                 "variance": "sample", "max_iter": 17, "tol": 1e-8, "damping": "auto"}
+                 "variance": "sample", "max_iter": 17, "tol": 1e-8, "damping": "auto", "dtype": None}
     c = clone(est)
     assert c is not est and c.get_params() == p
     c.set_params(lam=1.5)

@@ -58,3 +58,20 @@ def test_float32_tolerance_floor_and_no_warning_at_default_tol(instance):
         warnings.simplefilter("error")
         res = gamp(X, y, make_loss("cross_entropy", 1.0), make_denoiser("nuclear", 0.1), max_iter=400, tol=1e-12)
     assert res.converged and f"tol {FLOAT32_TOL:g}" in res.message
+
+
+def test_estimator_dtype_parameter(instance):
+    """``dtype=None`` follows X; 'float32' converts; the fit equals GAMP on float32 tokens."""
+    d, T, alpha, teacher, channel, data = instance
+    X, y = data.X[:3000, :, :40], data.y[:3000]
+    ref = gamp(X.astype(np.float32), y, make_loss("cross_entropy", 1.0), make_denoiser("nuclear", 0.1),
+               max_iter=5, tol=0)
+    for est, Xin in ((aa.ERMAttention(lam=0.1, max_iter=5, tol=0, dtype="float32"), X),
+                     (aa.ERMAttention(lam=0.1, max_iter=5, tol=0), X.astype(np.float32))):
+        est.fit(Xin, y)
+        np.testing.assert_array_equal(est.S_, ref.S)
+    f64 = aa.ERMAttention(lam=0.1, max_iter=5, tol=0, dtype="float64").fit(X.astype(np.float32), y)
+    assert not np.array_equal(f64.S_, ref.S)
+    with pytest.raises(ValueError, match="dtype"):
+        aa.ERMAttention(dtype="float16").fit(X, y)
+    assert aa.BayesAttention(channel, teacher, dtype="float32").get_params()["dtype"] == "float32"
