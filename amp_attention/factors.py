@@ -34,8 +34,9 @@ from typing import NamedTuple
 import numpy as np
 
 from ._spectral_kernels import spectral_divergence
-from ._validation import as_float_array, check_rng
+from ._validation import as_float_array, check_nonnegative, check_positive, check_rng, check_symmetric
 from .spectral import free_input_side, sample_goe
+from .spectral.laws import check_law
 
 __all__ = ["Conjugates", "Overlaps", "OutputFactor", "InputFactor"]
 
@@ -218,6 +219,12 @@ class OutputFactor:
 # --------------------------------------------------------------------------------------------
 
 
+def check_se_args(law, a, Delta, A_hat):
+    """Validated ``(law, a, Delta, A_hat)`` of the SE input side (``a >= 0``, ``Delta, A_hat > 0``)."""
+    return (check_law(law), check_nonnegative(a, "a"), check_positive(Delta, "Delta"),
+            check_positive(A_hat, "A_hat"))
+
+
 class InputFactor:
     """Contract of an input factor: the spectral denoiser ``eta(R) = U f(L) U^T`` (docs/theory.md §5).
 
@@ -253,7 +260,12 @@ class InputFactor:
 
     def factored(self, R: np.ndarray, A_hat: float):
         """``(S, div, F)``: ``S = U f(L) U^T``, its divergence, and ``F (d, r)`` with ``S = F F^T``
-        when the factor is ``nonnegative`` (``r`` = number of nonzero ``f(l_i)``), else None."""
+        when the factor is ``nonnegative`` (``r`` = number of nonzero ``f(l_i)``), else None.
+
+        ``R``: a finite symmetric ``(d, d)`` matrix (relative tolerance 1e-10); ``A_hat > 0``
+        finite.  ``ValueError`` naming them otherwise, or when the result overflows float64."""
+        R = check_symmetric(R, "R")
+        A_hat = check_positive(A_hat, "A_hat")
         L, U = np.linalg.eigh(R)
         f, fp = self.spectrum(L, A_hat)
         if self.nonnegative:
@@ -264,7 +276,11 @@ class InputFactor:
             F = None
             S = (U * f) @ U.T
         S = 0.5 * (S + S.T)
-        return S, spectral_divergence(L, f, fp), F
+        div = spectral_divergence(L, f, fp)
+        if not (np.isfinite(div) and np.all(np.isfinite(S))):
+            raise ValueError(f"the denoiser's output overflows float64 at A_hat = {A_hat!r} "
+                             f"(max |R| = {float(np.max(np.abs(R))):.3g}): rescale R")
+        return S, div, F
 
     def __call__(self, R: np.ndarray, A_hat: float):
         """``(S, div)`` with ``S = eta(R)`` and ``div`` its divergence (GAMP steps 5-6)."""
@@ -276,6 +292,7 @@ class InputFactor:
 
     def se_overlaps(self, law, a: float, Delta: float, A_hat: float) -> Overlaps:
         """``d -> infinity`` overlaps for ``R = a S* + sqrt(Delta) W`` (docs/theory.md §7, free)."""
+        law, a, Delta, A_hat = check_se_args(law, a, Delta, A_hat)
         return Overlaps(*free_input_side(law, a, Delta, self.scalar_map(A_hat), A_hat))
 
     def se_penalty(self, law, a: float, Delta: float, A_hat: float, overlaps: Overlaps) -> float:
@@ -294,8 +311,13 @@ class InputFactor:
         standard errors of the three means over the draws (NaN for one draw).
         """
         lam = as_float_array(eigenvalues, "eigenvalues", ndim=1)
+        a = check_nonnegative(a, "a")
+        Delta = check_positive(Delta, "Delta")
+        A_hat = check_positive(A_hat, "A_hat")
         if isinstance(n_draws, bool) or not isinstance(n_draws, numbers.Integral) or n_draws < 1:
             raise ValueError(f"n_draws must be an integer >= 1, got {n_draws!r}")
+        if not isinstance(return_stderr, (bool, np.bool_)):
+            raise ValueError(f"return_stderr must be True or False, got {return_stderr!r}")
         rng = check_rng(rng)
         d = lam.size
         vals = np.empty((n_draws, 3))
@@ -308,6 +330,9 @@ class InputFactor:
             vals[k, 0] = float(np.dot(Sdiag, lam)) / d
             vals[k, 1] = float(np.dot(f, f)) / d
             vals[k, 2] = spectral_divergence(L, f, fp) / (d * d * A_hat)
+        if not np.all(np.isfinite(vals)):
+            raise ValueError(f"the finite-d input side overflows float64 (a = {a!r}, Delta = {Delta!r}, "
+                             f"A_hat = {A_hat!r}, max |eigenvalues| = {float(np.max(np.abs(lam))):.3g})")
         mean = Overlaps(*(float(v) for v in vals.mean(0)))
         if not return_stderr:
             return mean
