@@ -176,9 +176,14 @@ class BayesSoftmaxOutput(_BayesOutput):
         y = self._targets(y)
         L = np.log(y)
         ell = np.mean(np.swapaxes(L, 1, 2) - L, axis=2)
-        zy = whiten((L + ell[:, :, None]) / self.beta)
-        u = flat_direction(y.shape[1])
-        return zy - np.outer(zy @ u, u)
+        with np.errstate(over="ignore", invalid="ignore"):
+            zy = whiten((L + ell[:, :, None]) / self.beta)
+            u = flat_direction(y.shape[1])
+            zy = zy - np.outer(zy @ u, u)
+        if not np.all(np.isfinite(zy)):
+            raise ValueError(f"beta = {self.beta!r} is too small for these y: the preactivations "
+                             "log(y) / beta overflow float64")
+        return zy
 
     def g_out(self, y, omega, V, p0=None, jacobian="full"):
         """``(g (n, K), dg (n, K, K) or its trace (n,) if jacobian='trace', info)``; see the class doc."""

@@ -27,7 +27,7 @@ import numpy as np
 
 from ._spectral_kernels import spectral_divergence as _divergence_kernel
 from ._validation import as_float_array, check_nonnegative, check_positive, check_real, check_symmetric
-from .factors import InputFactor, Overlaps, check_se_args
+from .factors import InputFactor, Overlaps, check_R, check_se_args
 from .model import as_spectral_law
 from .spectral import LinearShrinkage, RDensity, SoftThreshold, rie_mmse
 
@@ -169,7 +169,7 @@ class FrobeniusDenoiser(InputFactor):
                                else 1.0 / (1.0 + self.lam / A_hat))
 
     def factored(self, R: np.ndarray, A_hat: float):
-        R = check_symmetric(R, "R")
+        R = check_R(R)
         d = R.shape[0]
         c = self.scalar_map(A_hat).c
         return c * R, c * d * (d + 1) / 2, None

@@ -219,6 +219,25 @@ class OutputFactor:
 # --------------------------------------------------------------------------------------------
 
 
+def check_R(R) -> np.ndarray:
+    """``R`` as a square float64 ``(d, d)`` array, symmetric where finite (``ValueError`` naming
+    ``R`` otherwise); NaN/inf entries are let through (a diverging GAMP iterate)."""
+    R = as_float_array(R, "R", ndim=2) if np.all(np.isfinite(_try_array(R))) else _try_array(R)
+    if R.ndim != 2 or R.shape[0] != R.shape[1] or R.size == 0:
+        raise ValueError(f"R must be a square (d, d) matrix, got shape {R.shape}")
+    if np.all(np.isfinite(R)):
+        return check_symmetric(R, "R")
+    return R
+
+
+def _try_array(R) -> np.ndarray:
+    try:
+        arr = np.asarray(R, dtype=np.float64)
+    except (TypeError, ValueError):
+        return as_float_array(R, "R")  # raises, naming R
+    return arr
+
+
 def check_se_args(law, a, Delta, A_hat):
     """Validated ``(law, a, Delta, A_hat)`` of the SE input side (``a >= 0``, ``Delta, A_hat > 0``)."""
     return (check_law(law), check_nonnegative(a, "a"), check_positive(Delta, "Delta"),
@@ -262,10 +281,14 @@ class InputFactor:
         """``(S, div, F)``: ``S = U f(L) U^T``, its divergence, and ``F (d, r)`` with ``S = F F^T``
         when the factor is ``nonnegative`` (``r`` = number of nonzero ``f(l_i)``), else None.
 
-        ``R``: a finite symmetric ``(d, d)`` matrix (relative tolerance 1e-10); ``A_hat > 0``
-        finite.  ``ValueError`` naming them otherwise, or when the result overflows float64."""
-        R = check_symmetric(R, "R")
+        ``R``: a symmetric ``(d, d)`` matrix (relative tolerance 1e-10); ``A_hat > 0`` finite;
+        ``ValueError`` naming them otherwise.  GAMP's path: an ``R`` with NaN or inf entries (a
+        diverging iterate) gives ``S`` and ``div`` NaN, for the caller's divergence check, and an
+        output that overflows is returned as it is; :meth:`__call__` rejects both."""
+        R = check_R(R)
         A_hat = check_positive(A_hat, "A_hat")
+        if not np.all(np.isfinite(R)):
+            return np.full(R.shape, np.nan), float("nan"), None
         L, U = np.linalg.eigh(R)
         f, fp = self.spectrum(L, A_hat)
         if self.nonnegative:
@@ -276,15 +299,19 @@ class InputFactor:
             F = None
             S = (U * f) @ U.T
         S = 0.5 * (S + S.T)
-        div = spectral_divergence(L, f, fp)
+        return S, spectral_divergence(L, f, fp), F
+
+    def __call__(self, R: np.ndarray, A_hat: float):
+        """``(S, div)`` with ``S = eta(R)`` and ``div`` its divergence (GAMP steps 5-6).
+
+        ``R`` finite symmetric ``(d, d)``, ``A_hat > 0``; an output that overflows float64 is a
+        ``ValueError``."""
+        R = check_symmetric(R, "R")
+        with np.errstate(over="ignore", invalid="ignore"):
+            S, div, _ = self.factored(R, A_hat)
         if not (np.isfinite(div) and np.all(np.isfinite(S))):
             raise ValueError(f"the denoiser's output overflows float64 at A_hat = {A_hat!r} "
                              f"(max |R| = {float(np.max(np.abs(R))):.3g}): rescale R")
-        return S, div, F
-
-    def __call__(self, R: np.ndarray, A_hat: float):
-        """``(S, div)`` with ``S = eta(R)`` and ``div`` its divergence (GAMP steps 5-6)."""
-        S, div, _ = self.factored(R, A_hat)
         return S, div
 
     def check_se(self) -> None:

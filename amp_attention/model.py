@@ -134,7 +134,7 @@ class Teacher:
         d = _check_dim(d)
         rho = check_positive(rho, "rho")
         rng = check_rng(rng)
-        check_memory(8.0 * d * max(1.0, rho * d) + 24.0 * d * d, f"Teacher.wishart(d={d}, rho={rho})",
+        check_memory(16.0 * d * max(1.0, rho * d) + 24.0 * d * d, f"Teacher.wishart(d={d}, rho={rho})",
                      "use a smaller d or rho")
         r = max(1, int(round(rho * d)))
         W = rng.standard_normal((d, r))

@@ -293,6 +293,12 @@ def _check_mq(m, q):
     return check_real(m, "m"), check_nonnegative(q, "q")
 
 
+def _check_estimate(est: float, m: float, q: float) -> None:
+    if not math.isfinite(est):
+        raise ValueError(f"the test error overflows float64 at m = {m!r}, q = {q!r} (they must satisfy "
+                         "m^2 <= q Q* with finite omega)")
+
+
 class OutputSample:
     """Integration nodes of the SE output side for one ``(alpha, T, Q*, channel)``.
 
@@ -505,16 +511,20 @@ class OutputSample:
         (``phi`` the channel's noiseless map; docs/theory.md §7.5).  ``return_error=True``: also
         the rule's error estimate."""
         m, q = _check_mq(m, q)
-        rule, vals = self._test_values(m, q, noisy=False)
-        est = float(rule.mean(vals))
+        with np.errstate(over="ignore", invalid="ignore"):
+            rule, vals = self._test_values(m, q, noisy=False)
+            est = float(rule.mean(vals))
+        _check_estimate(est, m, q)
         return (est, float(rule.error(vals))) if return_error else est
 
     def test_error_noisy(self, m, q, return_error: bool = False):
         """``E ||y - phi(h_hat)||_F^2`` with ``y`` the (noisy) labels of the sample: the error against
         the observed targets of a new sample (equals :meth:`test_error` for a noiseless channel)."""
         m, q = _check_mq(m, q)
-        rule, vals = self._test_values(m, q, noisy=True)
-        est = float(rule.mean(vals))
+        with np.errstate(over="ignore", invalid="ignore"):
+            rule, vals = self._test_values(m, q, noisy=True)
+            est = float(rule.mean(vals))
+        _check_estimate(est, m, q)
         return (est, float(rule.error(vals))) if return_error else est
 
     def __repr__(self):

@@ -79,8 +79,11 @@ def is_positive_scalar(V) -> bool:
         return False
     zero_dim = isinstance(V, np.ndarray) and V.ndim == 0 and V.dtype.kind in "iuf"
     if isinstance(V, numbers.Real) or zero_dim:
-        v = float(V)
-        return np.isfinite(v) and v > 0
+        try:
+            v = float(V)
+        except (OverflowError, TypeError, ValueError):
+            return False
+        return bool(np.isfinite(v) and v > 0)
     return False
 
 

@@ -43,7 +43,8 @@ def _out_of_range(a, Delta, law):
     except (ZeroDivisionError, OverflowError, FloatingPointError, np.linalg.LinAlgError,
             RuntimeError) as exc:
         with np.errstate(over="ignore"):
-            ratio = Delta / (a * law.radius) ** 2 if a * law.radius > 0 else math.inf
+            r = a * law.radius  # (r * r, not r ** 2: no OverflowError)
+            ratio = Delta / (r * r) if r > 0 else math.inf
         raise ValueError(
             f"Delta = {Delta!r} and a = {a!r} are out of the range where the density of "
             f"R = a S* + sqrt(Delta) W can be computed in float64 for {law!r} "
@@ -335,9 +336,9 @@ def rie_mmse(law: SpectralLaw, Delta: float, density: RDensity | None = None) ->
     g = density.grid()
     I = np.dot(g.weights, g.density**2)
     c = 4 * np.pi**2 / 3
-    if Delta * Delta < 1e300:
+    if 1e-300 < Delta * Delta < 1e300:
         mmse = Delta - c * Delta**2 * I
-    else:  # Delta^2 would overflow: Delta^2 int rho^3 = Delta (Delta int rho^3) with Delta int rho^3 = O(1)
+    else:  # Delta^2 would overflow or lose digits (subnormal): Delta (1 - c Delta int rho^3), Delta int rho^3 = O(1)
         mmse = Delta * (1.0 - c * (Delta * I))
     return max(float(mmse), 0.0)
 

@@ -9,11 +9,10 @@ discrete law; ``'semicircle'``), the validation done by its constructors, and :f
 from __future__ import annotations
 
 import math
-import numbers
 
 import numpy as np
 
-from .._validation import as_float_array, check_positive
+from .._validation import as_float_array, check_positive, check_real
 
 __all__ = ["SpectralLaw", "check_law"]
 
@@ -101,9 +100,8 @@ class SpectralLaw:
     @classmethod
     def semicircle(cls, variance: float, mean: float = 0.0) -> "SpectralLaw":
         variance = check_positive(variance, "variance")
-        if isinstance(mean, bool) or not isinstance(mean, numbers.Real) or not np.isfinite(mean):
-            raise ValueError(f"mean must be a finite real number, got {mean!r}")
-        return cls("semicircle", variance=variance, center=float(mean))
+        mean = check_real(mean, "mean")
+        return cls("semicircle", variance=variance, center=mean)
 
     def __repr__(self) -> str:
         if self.kind == "wishart":
