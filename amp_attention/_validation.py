@@ -21,12 +21,20 @@ __all__ = [
     "check_memory",
     "InsufficientMemoryError",
     "check_targets",
+    "check_real",
 ]
 
 
 def as_float_array(x, name: str, ndim: int | None = None, allow_empty: bool = False) -> np.ndarray:
-    """Return ``x`` as a float64 array, checking dimension, emptiness and finiteness."""
-    arr = np.asarray(x)
+    """Return ``x`` as a float64 array, checking dimension, emptiness and finiteness.
+
+    Ragged nested sequences and other inputs NumPy cannot turn into an array give a
+    ``ValueError`` naming ``name`` (not NumPy's "inhomogeneous shape" message)."""
+    try:
+        arr = np.asarray(x)
+    except (ValueError, TypeError) as exc:
+        raise ValueError(f"{name} must be a real numeric array (not a ragged nested sequence), "
+                         f"got {type(x).__name__}: {exc}") from None
     if arr.dtype == object or not (
         np.issubdtype(arr.dtype, np.floating) or np.issubdtype(arr.dtype, np.integer)
     ):
@@ -79,16 +87,30 @@ def check_symmetric(S, name: str = "S", d: int | None = None, rtol: float = 1e-1
     return np.ascontiguousarray(S)
 
 
+def _finite_float(x):
+    """``float(x)`` for a real number (not a bool) that is finite as a float64, else None
+    (also for ints too large for a float and for real types NumPy cannot handle)."""
+    if isinstance(x, (bool, np.bool_)) or not isinstance(x, numbers.Real):
+        return None
+    try:
+        v = float(x)
+    except (OverflowError, TypeError, ValueError):
+        return None
+    return v if np.isfinite(v) else None
+
+
 def check_positive(x, name: str) -> float:
-    if isinstance(x, bool) or not isinstance(x, numbers.Real) or not np.isfinite(x) or x <= 0:
+    v = _finite_float(x)
+    if v is None or v <= 0:
         raise ValueError(f"{name} must be a finite number > 0, got {x!r}")
-    return float(x)
+    return v
 
 
 def check_nonnegative(x, name: str) -> float:
-    if isinstance(x, bool) or not isinstance(x, numbers.Real) or not np.isfinite(x) or x < 0:
+    v = _finite_float(x)
+    if v is None or v < 0:
         raise ValueError(f"{name} must be a finite number >= 0, got {x!r}")
-    return float(x)
+    return v
 
 
 def check_rng(rng, name: str = "rng") -> np.random.Generator:
@@ -166,3 +188,10 @@ def check_targets(y, n: int, T: int, *, stochastic: bool = False, what: str = ""
         if dev > 1e-8:
             raise ValueError(f"y rows must sum to 1{what} (softmax / hardmax targets), got a row sum off by {dev:.3g}")
     return np.ascontiguousarray(y)
+
+def check_real(x, name: str) -> float:
+    """A finite real number (not a bool), as a float; ``ValueError`` naming ``name`` otherwise."""
+    v = _finite_float(x)
+    if v is None:
+        raise ValueError(f"{name} must be a finite real number, got {x!r}")
+    return v

@@ -26,11 +26,13 @@ whitened components per sample (``K - 1`` softmax, ``K`` linear) of noise ``s2``
 
 from __future__ import annotations
 
+import numbers
+
 import numpy as np
 
-from ._validation import check_nonnegative, check_positive, check_T
+from ._validation import check_nonnegative, check_positive, check_real, check_T
 from .factors import Conjugates, OutputFactor
-from .losses.base import check_targets, check_z
+from .losses.base import check_jacobian, check_targets, check_z
 from .model import HardmaxChannel, LinearChannel, SoftmaxChannel, row_softmax
 from .variance import prepare_variance
 from .whitening import flat_direction, n_pairs, whiten
@@ -42,6 +44,17 @@ _HARDMAX_MSG = (
     "argmax rows) only constrains z* to a polyhedral cone, so the posterior is a truncated Gaussian "
     "(docs/theory.md §6: Monte Carlo, optional). Use SoftmaxChannel(beta) or LinearChannel(noise)."
 )
+
+
+def _is_scalar(V) -> bool:
+    return isinstance(V, (numbers.Number, np.generic)) or (isinstance(V, np.ndarray) and V.ndim == 0)
+
+
+def _scalar_variance(V) -> float:
+    """A scalar variance ``V`` (a number or a 0-d array) as a finite float > 0, else ``ValueError``."""
+    if isinstance(V, np.ndarray):
+        V = V.item() if V.dtype.kind in "iuf" else V
+    return check_positive(V, "V")
 
 
 def _complement_basis(T: int) -> np.ndarray:
@@ -58,6 +71,9 @@ class _BayesOutput(OutputFactor):
 
     def _finish(self, g, dg, jacobian, n):
         """``(g, dg or Tr dg, info)`` as ``g_out`` returns it."""
+        if not (np.all(np.isfinite(g)) and np.all(np.isfinite(dg))):
+            raise ValueError(f"the Bayes output g_out of {self!r} overflows float64: y, omega too large "
+                             "or V too small")
         if jacobian == "trace":
             dg = np.trace(dg, axis1=1, axis2=2)
         elif jacobian != "full":
@@ -79,7 +95,13 @@ class _BayesOutput(OutputFactor):
     def se_conjugates(self, sample, m, q, V) -> Conjugates:
         """Nishimori closed form ``A_hat = m_hat = q_hat = alpha k_eff / (Q* - q + noise)``."""
         k_eff, noise = self.observed_components(sample.T)
+        for name, val in (("m", m), ("q", q), ("V", V)):
+            check_real(val, name)
+        if not q < sample.Q + noise:
+            raise ValueError(f"q must be < Q* + noise = {sample.Q + noise!r} (the Nishimori line), got {q!r}")
         q_hat = sample.alpha * k_eff / (sample.Q - q + noise)
+        if not np.isfinite(q_hat):
+            raise ValueError(f"q = {q!r} is too close to Q* + noise = {sample.Q + noise!r}: q_hat overflows")
         return Conjugates(q_hat, q_hat, q_hat, {"A_hat": 0.0, "m_hat": 0.0, "q_hat": 0.0})
 
 
@@ -154,21 +176,28 @@ class BayesSoftmaxOutput(_BayesOutput):
         y = self._targets(y)
         L = np.log(y)
         ell = np.mean(np.swapaxes(L, 1, 2) - L, axis=2)
-        zy = whiten((L + ell[:, :, None]) / self.beta)
-        u = flat_direction(y.shape[1])
-        return zy - np.outer(zy @ u, u)
+        with np.errstate(over="ignore", invalid="ignore"):
+            zy = whiten((L + ell[:, :, None]) / self.beta)
+            u = flat_direction(y.shape[1])
+            zy = zy - np.outer(zy @ u, u)
+        if not np.all(np.isfinite(zy)):
+            raise ValueError(f"beta = {self.beta!r} is too small for these y: the preactivations "
+                             "log(y) / beta overflow float64")
+        return zy
 
     def g_out(self, y, omega, V, p0=None, jacobian="full"):
         """``(g (n, K), dg (n, K, K) or its trace (n,) if jacobian='trace', info)``; see the class doc."""
+        check_jacobian(jacobian)
         zy = self.z_target(y)
         omega = check_z(omega, "omega", y)
         n, K = omega.shape
         B = _complement_basis(y.shape[1])
         r = zy - omega
-        if np.ndim(V) == 0:
-            v = check_positive(float(np.asarray(V, dtype=np.float64)), "V")
+        if _is_scalar(V):
+            v = _scalar_variance(V)
             P = B.T @ B
-            g = (r @ P) / v
+            with np.errstate(over="ignore", invalid="ignore"):
+                g = (r @ P) / v
             dg = np.empty((n, K, K))
             dg[...] = P / v
         else:
@@ -220,13 +249,15 @@ class BayesLinearOutput(_BayesOutput):
 
     def g_out(self, y, omega, V, p0=None, jacobian="full"):
         """``(g (n, K), dg (n, K, K) or its trace (n,) if jacobian='trace', info)``; see the class doc."""
+        check_jacobian(jacobian)
         zy = self.z_target(y)
         omega = check_z(omega, "omega", y)
         n, K = omega.shape
         r = zy - omega
-        if np.ndim(V) == 0:
-            v = check_positive(float(np.asarray(V, dtype=np.float64)), "V")
-            g = r / (v + self.noise)
+        if _is_scalar(V):
+            v = _scalar_variance(V)
+            with np.errstate(over="ignore", invalid="ignore"):
+                g = r / (v + self.noise)
             dg = np.empty((n, K, K))
             dg[...] = np.eye(K) / (v + self.noise)
         else:

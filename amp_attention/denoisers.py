@@ -26,8 +26,8 @@ import math
 import numpy as np
 
 from ._spectral_kernels import spectral_divergence as _divergence_kernel
-from ._validation import as_float_array, check_nonnegative, check_positive
-from .factors import InputFactor, Overlaps
+from ._validation import as_float_array, check_nonnegative, check_positive, check_real, check_symmetric
+from .factors import InputFactor, Overlaps, check_R, check_se_args
 from .model import as_spectral_law
 from .spectral import LinearShrinkage, RDensity, SoftThreshold, rie_mmse
 
@@ -56,7 +56,11 @@ def spectral_divergence(eigenvalues, f, fprime) -> float:
     if not (l.shape == f.shape == fp.shape):
         raise ValueError(f"eigenvalues, f and fprime must have the same shape (d,), got "
                          f"{l.shape}, {f.shape}, {fp.shape}")
-    return _divergence_kernel(l, f, fp)
+    div = _divergence_kernel(l, f, fp)
+    if not np.isfinite(div):
+        raise ValueError("the divergence overflows float64: the divided differences "
+                         "(f(l_i) - f(l_j)) / (l_i - l_j) of f and eigenvalues, or fprime, are too large")
+    return div
 
 
 def soft_threshold_spectrum(eigenvalues: np.ndarray, threshold: float, width: int | None = None):
@@ -66,8 +70,9 @@ def soft_threshold_spectrum(eigenvalues: np.ndarray, threshold: float, width: in
     ``width = m`` only the m largest eigenvalues are kept (the others map to 0), which is the prox
     restricted to rank <= m.
     """
-    l = np.asarray(eigenvalues, dtype=np.float64)
-    st = SoftThreshold(threshold)
+    l = as_float_array(eigenvalues, "eigenvalues", ndim=1)
+    st = SoftThreshold(check_real(threshold, "threshold"))
+    width = _check_width(width)
     f, fp = st(l), st.derivative(l)
     if width is not None and width < l.size:
         drop = np.argsort(l)[: l.size - width]
@@ -82,6 +87,22 @@ def _check_width(width):
     ):
         raise ValueError(f"width must be None or an integer >= 1, got {width!r}")
     return width
+
+
+def _finite_penalty(value: float) -> float:
+    if not math.isfinite(value):
+        raise ValueError(f"the penalty overflows float64 (got {value}): lam or S is too large")
+    return value
+
+
+def _check_overlaps(overlaps) -> Overlaps:
+    try:
+        m, q, V = (float(v) for v in overlaps)
+    except (TypeError, ValueError):
+        raise ValueError(f"overlaps must be an Overlaps (m, q, V) of finite numbers, got {overlaps!r}") from None
+    if not all(math.isfinite(v) for v in (m, q, V)):
+        raise ValueError(f"overlaps must be finite, got {overlaps!r}")
+    return Overlaps(m, q, V)
 
 
 class NuclearDenoiser(InputFactor):
@@ -100,14 +121,23 @@ class NuclearDenoiser(InputFactor):
     def __repr__(self):
         return f"NuclearDenoiser(lam={self.lam!r}, width={self.width!r})"
 
+    def _threshold(self, A_hat) -> float:
+        A_hat = check_positive(A_hat, "A_hat")
+        tau = self.lam / A_hat
+        if not math.isfinite(tau):
+            raise ValueError(f"the threshold lam / A_hat overflows float64 (lam = {self.lam!r}, "
+                             f"A_hat = {A_hat!r})")
+        return tau
+
     def scalar_map(self, A_hat: float) -> SoftThreshold:
-        return SoftThreshold(self.lam / A_hat)
+        return SoftThreshold(self._threshold(A_hat))
 
     def spectrum(self, eigenvalues, A_hat):
-        return soft_threshold_spectrum(eigenvalues, self.lam / A_hat, self.width)
+        return soft_threshold_spectrum(eigenvalues, self._threshold(A_hat), self.width)
 
     def se_penalty(self, law, a, Delta, A_hat, overlaps) -> float:
         """``lam d Tr(S) / d^2 = lam Tr(S)/d = lam int f rho_R`` (free probability)."""
+        law, a, Delta, A_hat = check_se_args(law, a, Delta, A_hat)
         return self.lam * RDensity(law, a, Delta).integrate(self.scalar_map(A_hat))
 
     def check_se(self):
@@ -115,7 +145,9 @@ class NuclearDenoiser(InputFactor):
             raise ValueError("the state evolution has no counterpart of width: use width=None")
 
     def penalty(self, S: np.ndarray) -> float:
-        return self.lam * S.shape[0] * float(np.trace(S))
+        """``lam d Tr(S)`` for a finite symmetric ``S``."""
+        S = check_symmetric(S, "S")
+        return _finite_penalty(self.lam * S.shape[0] * float(np.trace(S)))
 
 
 class FrobeniusDenoiser(InputFactor):
@@ -132,23 +164,33 @@ class FrobeniusDenoiser(InputFactor):
         return f"FrobeniusDenoiser(lam={self.lam!r})"
 
     def scalar_map(self, A_hat: float) -> LinearShrinkage:
-        return LinearShrinkage(A_hat / (A_hat + self.lam))
+        A_hat = check_positive(A_hat, "A_hat")
+        return LinearShrinkage(A_hat / (A_hat + self.lam) if A_hat + self.lam < math.inf
+                               else 1.0 / (1.0 + self.lam / A_hat))
 
     def factored(self, R: np.ndarray, A_hat: float):
+        R = check_R(R)
         d = R.shape[0]
         c = self.scalar_map(A_hat).c
         return c * R, c * d * (d + 1) / 2, None
 
     def se_overlaps(self, law, a, Delta, A_hat) -> Overlaps:
+        law, a, Delta, A_hat = check_se_args(law, a, Delta, A_hat)
         c, Q = self.scalar_map(A_hat).c, law.Q
-        return Overlaps(c * a * Q, c * c * (a * a * Q + Delta), c / (2 * A_hat))
+        out = Overlaps(c * a * Q, c * c * (a * a * Q + Delta), c / (2 * A_hat))
+        if not all(math.isfinite(v) for v in out):
+            raise ValueError(f"the Frobenius SE overlaps overflow float64 at a = {a!r}, Delta = {Delta!r}, "
+                             f"A_hat = {A_hat!r} (Q* = {Q!r})")
+        return out
 
     def se_penalty(self, law, a, Delta, A_hat, overlaps) -> float:
         """``(lam d / 2) ||S||_F^2 / d^2 = lam q / 2``."""
-        return 0.5 * self.lam * overlaps.q
+        return _finite_penalty(0.5 * self.lam * _check_overlaps(overlaps).q)
 
     def penalty(self, S: np.ndarray) -> float:
-        return 0.5 * self.lam * S.shape[0] * float(np.sum(S * S))
+        """``(lam d / 2) ||S||_F^2`` for a finite symmetric ``S``."""
+        S = check_symmetric(S, "S")
+        return _finite_penalty(0.5 * self.lam * S.shape[0] * float(np.sum(S * S)))
 
 
 def nuclear_prox(R: np.ndarray, threshold: float, width: int | None = None):
@@ -157,11 +199,8 @@ def nuclear_prox(R: np.ndarray, threshold: float, width: int | None = None):
     Returns ``(S, eigenvalues, f, fprime)`` so callers can form the divergence without a second
     eigendecomposition.
     """
-    R = as_float_array(R, "R", ndim=2)
-    if R.shape[0] != R.shape[1]:
-        raise ValueError(f"R must be square (d, d), got shape {R.shape}")
-    if isinstance(threshold, bool) or not np.isfinite(threshold):
-        raise ValueError(f"threshold must be a finite number, got {threshold!r}")
+    R = check_symmetric(R, "R")
+    threshold = check_real(threshold, "threshold")
     _check_width(width)
     L, U = np.linalg.eigh(R)
     f, fp = soft_threshold_spectrum(L, float(threshold), width)
@@ -172,8 +211,9 @@ def nuclear_prox(R: np.ndarray, threshold: float, width: int | None = None):
 
 
 def frobenius_shrinkage(R: np.ndarray, A_hat: float, lam: float) -> np.ndarray:
-    """Frobenius prox ``A_hat R / (A_hat + lam)``."""
-    return (A_hat / (A_hat + lam)) * R
+    """Frobenius prox ``A_hat R / (A_hat + lam)`` (``R`` finite symmetric, ``A_hat > 0``, ``lam >= 0``)."""
+    R = check_symmetric(R, "R")
+    return FrobeniusDenoiser(lam).scalar_map(A_hat).c * R
 
 
 # ---------------------------------------------------------------------------------------------
@@ -202,6 +242,10 @@ def rie_derivative(x, density: RDensity) -> np.ndarray:
     by ``O(d^{-2/3})`` get ``f' = O(d^{1/3})``, an ``O(d^{-5/3})`` effect on ``V``).  Non-finite
     values (x exactly at an edge) are replaced by the largest finite value.  ``x``: any shape.
     """
+    if not isinstance(density, RDensity):
+        raise ValueError(f"density must be an RDensity, got {type(density).__name__}")
+    if density.a == 0:
+        raise ValueError("density must have a > 0 for the RIE (R carries no information on S* at a = 0)")
     xa = as_float_array(x, "x", allow_empty=True)
     if density.a_negligible:
         return np.zeros(xa.shape)
@@ -262,7 +306,7 @@ class RIEDenoiser(InputFactor):
     ``V = mmse(Delta)`` with ``mmse`` from :func:`amp_attention.spectral.rie_mmse`.
     """
 
-    def __init__(self, law, name: str = "teacher_spectrum"):
+    def __init__(self, law, name: str = "law"):
         self.law = as_spectral_law(law, "exact", name=name)
         self.last_density = None
 
@@ -278,11 +322,13 @@ class RIEDenoiser(InputFactor):
         return _RIEMap(self.density(A_hat))
 
     def spectrum(self, eigenvalues, A_hat):
+        eigenvalues = as_float_array(eigenvalues, "eigenvalues", ndim=1)
         f = self.scalar_map(A_hat)
         self.last_density = f.density
         return f(eigenvalues), f.derivative(eigenvalues)
 
     def se_overlaps(self, law, a, Delta, A_hat) -> Overlaps:
+        law, a, Delta, A_hat = check_se_args(law, a, Delta, A_hat)
         Q = law.Q
         q = min(Q - rie_mmse(law, Delta), Q)
         return Overlaps(q, q, Q - q)
@@ -293,6 +339,8 @@ class RIEDenoiser(InputFactor):
 
 def make_denoiser(reg: str, lam: float, width: int | None = None) -> InputFactor:
     """``'nuclear'`` -> :class:`NuclearDenoiser` (optional width); ``'frobenius'`` -> :class:`FrobeniusDenoiser`."""
+    if not isinstance(reg, str) or reg not in ("nuclear", "frobenius"):
+        raise ValueError(f"reg must be 'nuclear' or 'frobenius', got {reg!r}")
     if reg == "nuclear":
         return NuclearDenoiser(lam, width)
     if reg == "frobenius":

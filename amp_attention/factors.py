@@ -34,8 +34,9 @@ from typing import NamedTuple
 import numpy as np
 
 from ._spectral_kernels import spectral_divergence
-from ._validation import as_float_array, check_rng
+from ._validation import as_float_array, check_nonnegative, check_positive, check_rng, check_symmetric
 from .spectral import free_input_side, sample_goe
+from .spectral.laws import check_law
 
 __all__ = ["Conjugates", "Overlaps", "OutputFactor", "InputFactor"]
 
@@ -218,6 +219,31 @@ class OutputFactor:
 # --------------------------------------------------------------------------------------------
 
 
+def check_R(R) -> np.ndarray:
+    """``R`` as a square float64 ``(d, d)`` array, symmetric where finite (``ValueError`` naming
+    ``R`` otherwise); NaN/inf entries are let through (a diverging GAMP iterate)."""
+    R = as_float_array(R, "R", ndim=2) if np.all(np.isfinite(_try_array(R))) else _try_array(R)
+    if R.ndim != 2 or R.shape[0] != R.shape[1] or R.size == 0:
+        raise ValueError(f"R must be a square (d, d) matrix, got shape {R.shape}")
+    if np.all(np.isfinite(R)):
+        return check_symmetric(R, "R")
+    return R
+
+
+def _try_array(R) -> np.ndarray:
+    try:
+        arr = np.asarray(R, dtype=np.float64)
+    except (TypeError, ValueError):
+        return as_float_array(R, "R")  # raises, naming R
+    return arr
+
+
+def check_se_args(law, a, Delta, A_hat):
+    """Validated ``(law, a, Delta, A_hat)`` of the SE input side (``a >= 0``, ``Delta, A_hat > 0``)."""
+    return (check_law(law), check_nonnegative(a, "a"), check_positive(Delta, "Delta"),
+            check_positive(A_hat, "A_hat"))
+
+
 class InputFactor:
     """Contract of an input factor: the spectral denoiser ``eta(R) = U f(L) U^T`` (docs/theory.md §5).
 
@@ -253,7 +279,16 @@ class InputFactor:
 
     def factored(self, R: np.ndarray, A_hat: float):
         """``(S, div, F)``: ``S = U f(L) U^T``, its divergence, and ``F (d, r)`` with ``S = F F^T``
-        when the factor is ``nonnegative`` (``r`` = number of nonzero ``f(l_i)``), else None."""
+        when the factor is ``nonnegative`` (``r`` = number of nonzero ``f(l_i)``), else None.
+
+        ``R``: a symmetric ``(d, d)`` matrix (relative tolerance 1e-10); ``A_hat > 0`` finite;
+        ``ValueError`` naming them otherwise.  GAMP's path: an ``R`` with NaN or inf entries (a
+        diverging iterate) gives ``S`` and ``div`` NaN, for the caller's divergence check, and an
+        output that overflows is returned as it is; :meth:`__call__` rejects both."""
+        R = check_R(R)
+        A_hat = check_positive(A_hat, "A_hat")
+        if not np.all(np.isfinite(R)):
+            return np.full(R.shape, np.nan), float("nan"), None
         L, U = np.linalg.eigh(R)
         f, fp = self.spectrum(L, A_hat)
         if self.nonnegative:
@@ -267,8 +302,16 @@ class InputFactor:
         return S, spectral_divergence(L, f, fp), F
 
     def __call__(self, R: np.ndarray, A_hat: float):
-        """``(S, div)`` with ``S = eta(R)`` and ``div`` its divergence (GAMP steps 5-6)."""
-        S, div, _ = self.factored(R, A_hat)
+        """``(S, div)`` with ``S = eta(R)`` and ``div`` its divergence (GAMP steps 5-6).
+
+        ``R`` finite symmetric ``(d, d)``, ``A_hat > 0``; an output that overflows float64 is a
+        ``ValueError``."""
+        R = check_symmetric(R, "R")
+        with np.errstate(over="ignore", invalid="ignore"):
+            S, div, _ = self.factored(R, A_hat)
+        if not (np.isfinite(div) and np.all(np.isfinite(S))):
+            raise ValueError(f"the denoiser's output overflows float64 at A_hat = {A_hat!r} "
+                             f"(max |R| = {float(np.max(np.abs(R))):.3g}): rescale R")
         return S, div
 
     def check_se(self) -> None:
@@ -276,6 +319,7 @@ class InputFactor:
 
     def se_overlaps(self, law, a: float, Delta: float, A_hat: float) -> Overlaps:
         """``d -> infinity`` overlaps for ``R = a S* + sqrt(Delta) W`` (docs/theory.md §7, free)."""
+        law, a, Delta, A_hat = check_se_args(law, a, Delta, A_hat)
         return Overlaps(*free_input_side(law, a, Delta, self.scalar_map(A_hat), A_hat))
 
     def se_penalty(self, law, a: float, Delta: float, A_hat: float, overlaps: Overlaps) -> float:
@@ -294,8 +338,13 @@ class InputFactor:
         standard errors of the three means over the draws (NaN for one draw).
         """
         lam = as_float_array(eigenvalues, "eigenvalues", ndim=1)
+        a = check_nonnegative(a, "a")
+        Delta = check_positive(Delta, "Delta")
+        A_hat = check_positive(A_hat, "A_hat")
         if isinstance(n_draws, bool) or not isinstance(n_draws, numbers.Integral) or n_draws < 1:
             raise ValueError(f"n_draws must be an integer >= 1, got {n_draws!r}")
+        if not isinstance(return_stderr, (bool, np.bool_)):
+            raise ValueError(f"return_stderr must be True or False, got {return_stderr!r}")
         rng = check_rng(rng)
         d = lam.size
         vals = np.empty((n_draws, 3))
@@ -308,6 +357,9 @@ class InputFactor:
             vals[k, 0] = float(np.dot(Sdiag, lam)) / d
             vals[k, 1] = float(np.dot(f, f)) / d
             vals[k, 2] = spectral_divergence(L, f, fp) / (d * d * A_hat)
+        if not np.all(np.isfinite(vals)):
+            raise ValueError(f"the finite-d input side overflows float64 (a = {a!r}, Delta = {Delta!r}, "
+                             f"A_hat = {A_hat!r}, max |eigenvalues| = {float(np.max(np.abs(lam))):.3g})")
         mean = Overlaps(*(float(v) for v in vals.mean(0)))
         if not return_stderr:
             return mean

@@ -13,9 +13,11 @@ import numpy as np
 
 from ._validation import (
     as_float_array,
+    check_memory,
     check_nonnegative,
     check_positive,
     check_rng,
+    check_symmetric,
     check_T,
 )
 from .operator import preactivations
@@ -39,16 +41,32 @@ __all__ = [
 
 def haar_orthogonal(d: int, rng) -> np.ndarray:
     """A Haar-distributed ``d x d`` orthogonal matrix (QR of a Gaussian matrix with sign fix)."""
+    d = _check_dim(d)
     rng = check_rng(rng)
+    check_memory(4.0 * float(d) * d * 8, f"a Haar orthogonal matrix of size d={d}", "use a smaller d")
     Z = rng.standard_normal((d, d))
     Q, R = np.linalg.qr(Z)
     return Q * np.sign(np.diag(R))
 
 
+#: Largest size accepted for n and d (larger ones cannot index an array anyway).
+MAX_SIZE = 2**62
+
+
 def _check_dim(d) -> int:
-    if isinstance(d, bool) or not isinstance(d, (int, np.integer)) or d < 1:
-        raise ValueError(f"d must be an integer >= 1, got {d!r}")
+    if isinstance(d, (bool, np.bool_)) or not isinstance(d, (int, np.integer)) or not 1 <= d <= MAX_SIZE:
+        raise ValueError(f"d must be an integer in 1..2^62, got {d!r}")
     return int(d)
+
+
+def _check_spectrum(lam: np.ndarray, name: str) -> None:
+    """Reject spectra whose second moment ``Q* = Tr(S*^2)/d`` overflows float64 (``ValueError``
+    naming ``name``): ``Q``, the SE and every quadratic quantity would be inf."""
+    with np.errstate(over="ignore"):
+        q = float(np.mean(lam * lam))
+    if not np.isfinite(q):
+        raise ValueError(f"{name}: Q* = Tr(S*^2)/d overflows float64 (max |eigenvalue| = "
+                         f"{float(np.max(np.abs(lam))):.3g}; it must stay below ~1e154); rescale the teacher")
 
 
 @dataclass(frozen=True, eq=False)
@@ -71,6 +89,19 @@ class Teacher:
     kind: str
     params: dict = field(default_factory=dict)
 
+    def __post_init__(self):
+        S = check_symmetric(self.S, "S")
+        lam = as_float_array(self.eigenvalues, "eigenvalues", ndim=1)
+        if lam.shape != (S.shape[0],):
+            raise ValueError(f"eigenvalues must have shape ({S.shape[0]},) to match S, got {lam.shape}")
+        _check_spectrum(lam, "eigenvalues")
+        if not isinstance(self.kind, str) or self.kind not in ("wishart", "powerlaw", "lowrank", "custom"):
+            raise ValueError(f"kind must be 'wishart', 'powerlaw', 'lowrank' or 'custom', got {self.kind!r}")
+        if not isinstance(self.params, dict):
+            raise ValueError(f"params must be a dict, got {type(self.params).__name__}")
+        object.__setattr__(self, "S", S)
+        object.__setattr__(self, "eigenvalues", lam)
+
     @property
     def d(self) -> int:
         return self.S.shape[0]
@@ -86,8 +117,9 @@ class Teacher:
         return float(np.mean(self.eigenvalues))
 
     @classmethod
-    def _from_spectrum(cls, eigenvalues, rng, kind, params) -> "Teacher":
+    def _from_spectrum(cls, eigenvalues, rng, kind, params, name="eigenvalues") -> "Teacher":
         lam = np.sort(np.asarray(eigenvalues, dtype=np.float64))
+        _check_spectrum(lam, name)
         O = haar_orthogonal(lam.size, rng)
         S = (O * lam) @ O.T
         S = 0.5 * (S + S.T)
@@ -102,6 +134,8 @@ class Teacher:
         d = _check_dim(d)
         rho = check_positive(rho, "rho")
         rng = check_rng(rng)
+        check_memory(16.0 * d * max(1.0, rho * d) + 24.0 * d * d, f"Teacher.wishart(d={d}, rho={rho})",
+                     "use a smaller d or rho")
         r = max(1, int(round(rho * d)))
         W = rng.standard_normal((d, r))
         S = (W @ W.T) / np.sqrt(r * d)
@@ -135,7 +169,8 @@ class Teacher:
         strength = check_positive(strength, "strength")
         lam = np.zeros(d)
         lam[:rank] = strength * np.sqrt(d / rank)
-        return cls._from_spectrum(lam, rng, "lowrank", {"rank": int(rank), "strength": strength})
+        return cls._from_spectrum(lam, rng, "lowrank", {"rank": int(rank), "strength": strength},
+                                  name="strength")
 
     @classmethod
     def custom(cls, eigenvalues, rng=None) -> "Teacher":
@@ -161,6 +196,18 @@ def _check_h(h) -> np.ndarray:
     return h
 
 
+def _as_h(h) -> np.ndarray:
+    """``h`` as a float64 array with at least one axis (no finiteness check: a link may see the
+    non-finite iterates of a diverged run), else ``ValueError`` naming ``h``."""
+    try:
+        arr = np.asarray(h, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise ValueError(f"h must be a real numeric array, got {type(h).__name__}") from None
+    if arr.ndim < 1 or arr.shape[-1] < 1:
+        raise ValueError(f"h must have a non-empty last axis, got shape {arr.shape}")
+    return arr
+
+
 def row_softmax(h: np.ndarray, beta: float) -> np.ndarray:
     """Row-wise ``softmax(beta * h)`` along the last axis, stable for every finite ``beta > 0``.
 
@@ -169,7 +216,8 @@ def row_softmax(h: np.ndarray, beta: float) -> np.ndarray:
     ``inf - inf``), so ``beta = 1e306`` or ``1.7e308`` with entries of ``h`` hundreds apart gives
     the one-hot argmax row instead of NaN.
     """
-    h = np.asarray(h, dtype=np.float64)
+    h = _as_h(h)
+    beta = check_positive(beta, "beta")
     with np.errstate(over="ignore"):  # beta (h - max h) may overflow to -inf: exp gives 0, exactly
         s = beta * (h - h.max(axis=-1, keepdims=True))
     e = np.exp(s)
@@ -185,10 +233,10 @@ def _whitened_noise(rng, n: int, T: int) -> np.ndarray:
 
 def _noisy(h: np.ndarray, noise: float, rng) -> np.ndarray:
     """``h + sqrt(noise) xi`` (``xi`` from :func:`_whitened_noise`); ``h`` itself when
-    ``noise == 0`` (no random number is drawn)."""
+    ``noise == 0`` (no random number is drawn; ``rng`` is still validated)."""
+    rng = check_rng(rng)
     if noise == 0.0:
         return h
-    rng = check_rng(rng)
     n, T, _ = h.shape
     return h + np.sqrt(noise) * _whitened_noise(rng, n, T)
 
@@ -225,7 +273,7 @@ class SoftmaxChannel:
     def phi(self, h) -> np.ndarray:
         """Noiseless map ``h -> softmax(beta h)`` row-wise (test errors compare ``phi(h*)`` with
         ``phi(h_hat)``), whatever ``noise``."""
-        return row_softmax(np.asarray(h, dtype=np.float64), self.beta)
+        return row_softmax(h, self.beta)
 
 
 @dataclass(frozen=True)
@@ -279,12 +327,13 @@ class LinearChannel:
     def __call__(self, h, rng=None) -> np.ndarray:
         h = _check_h(h)
         if self.noise == 0.0:
+            check_rng(rng)
             return h.copy()
         return _noisy(h, self.noise, rng)
 
     def phi(self, h) -> np.ndarray:
         """Noiseless map: the identity."""
-        return np.asarray(h, dtype=np.float64)
+        return _as_h(h)
 
 
 CHANNELS = (SoftmaxChannel, HardmaxChannel, LinearChannel)
@@ -311,6 +360,17 @@ class Dataset:
     y: np.ndarray
     h: np.ndarray
 
+    def __post_init__(self):
+        X = as_float_array(self.X, "X", ndim=3)
+        check_T(X.shape[1])
+        n, T = X.shape[0], X.shape[1]
+        for name in ("y", "h"):
+            arr = as_float_array(getattr(self, name), name, ndim=3)
+            if arr.shape != (n, T, T):
+                raise ValueError(f"{name} must have shape (n, T, T) = {(n, T, T)} to match X, got {arr.shape}")
+            object.__setattr__(self, name, arr)
+        object.__setattr__(self, "X", X)
+
     @property
     def n(self) -> int:
         return self.X.shape[0]
@@ -325,13 +385,32 @@ class Dataset:
 
 
 def sample_tokens(n: int, T: int, d: int, rng=None) -> np.ndarray:
-    """Tokens ``X (n, T, d)`` with iid N(0, 1) entries."""
-    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
-        raise ValueError(f"n must be an integer >= 1, got {n!r}")
+    """Tokens ``X (n, T, d)`` with iid N(0, 1) entries.
+
+    Sizes whose array would not fit in the available memory (or whose element count overflows)
+    raise :class:`~amp_attention._validation.InsufficientMemoryError` (a ``ValueError``) naming
+    ``n`` and ``d`` before anything is allocated."""
+    n = _check_count(n)
     T = check_T(T)
     d = _check_dim(d)
     rng = check_rng(rng)
-    return rng.standard_normal((int(n), T, d))
+    _check_token_memory(n, T, d, 8.0)
+    return rng.standard_normal((n, T, d))
+
+
+def _check_count(n) -> int:
+    if isinstance(n, (bool, np.bool_)) or not isinstance(n, (int, np.integer)) or not 1 <= n <= MAX_SIZE:
+        raise ValueError(f"n must be an integer in 1..2^62, got {n!r}")
+    return int(n)
+
+
+def _check_token_memory(n: int, T: int, d: int, per_entry: float) -> None:
+    """Before allocating ``(n, T, d)`` tokens (``per_entry`` bytes per token entry, all arrays
+    included): reject counts that overflow int64 or exceed the available memory, naming n and d."""
+    if float(n) * T * d >= 2.0**62:
+        raise ValueError(f"n * T * d = {n} * {T} * {d} overflows the largest array size; use a smaller n or d")
+    check_memory(float(n) * T * d * per_entry, f"n={n} sequences of T={T} tokens in d={d}",
+                 "use a smaller n or d")
 
 
 def sample_data(n: int, T: int, teacher: Teacher, channel, rng=None) -> Dataset:
@@ -342,9 +421,13 @@ def sample_data(n: int, T: int, teacher: Teacher, channel, rng=None) -> Dataset:
     if not isinstance(teacher, Teacher):
         raise ValueError(f"teacher must be an amp_attention.Teacher, got {type(teacher).__name__}")
     check_channel(channel)
+    n = _check_count(n)
+    T = check_T(T)
     rng = check_rng(rng)
     if T == 1 and isinstance(channel, (SoftmaxChannel, HardmaxChannel)):
         raise ValueError(f"{type(channel).__name__} needs T >= 2 tokens: with T = 1 every target is y = 1")
+    # X (n, T, d) plus y, h and the channel's temporaries (n, T, T) each
+    _check_token_memory(n, T, teacher.d, 8.0 + 40.0 * T / teacher.d)
     X = sample_tokens(n, T, teacher.d, rng)
     h = preactivations(X, teacher.S)
     y = channel(h, rng)
@@ -364,7 +447,7 @@ def as_spectral_law(teacher, spectrum: str = "exact", name: str = "teacher") -> 
     d -> infinity law where one is known (Wishart(rho)), else the atoms.  ``name`` is the argument
     named in error messages.
     """
-    if spectrum not in ("exact", "limit"):
+    if not isinstance(spectrum, str) or spectrum not in ("exact", "limit"):
         raise ValueError(f"spectrum must be 'exact' or 'limit', got {spectrum!r}")
     if isinstance(teacher, SpectralLaw):
         return teacher

@@ -53,7 +53,7 @@ import numpy as np
 from scipy.special import ndtri
 from scipy.stats import qmc
 
-from ._validation import check_nonnegative, check_positive, check_rng, check_T
+from ._validation import check_memory, check_nonnegative, check_positive, check_real, check_rng, check_T
 from .model import HardmaxChannel, LinearChannel, SoftmaxChannel, check_channel
 from .whitening import flat_direction, n_pairs, unwhiten, whiten
 
@@ -288,6 +288,17 @@ class OutputView:
         return self.rule.error(values)
 
 
+def _check_mq(m, q):
+    """Order parameters ``m`` (finite real) and ``q >= 0`` (finite), as floats."""
+    return check_real(m, "m"), check_nonnegative(q, "q")
+
+
+def _check_estimate(est: float, m: float, q: float) -> None:
+    if not math.isfinite(est):
+        raise ValueError(f"the test error overflows float64 at m = {m!r}, q = {q!r} (they must satisfy "
+                         "m^2 <= q Q* with finite omega)")
+
+
 class OutputSample:
     """Integration nodes of the SE output side for one ``(alpha, T, Q*, channel)``.
 
@@ -321,10 +332,13 @@ class OutputSample:
         self.K = n_pairs(self.T)
         self.Q = check_positive(Q, "Q")
         self.channel = check_channel(channel)
-        if isinstance(n_mc, bool) or not isinstance(n_mc, (int, np.integer)) or n_mc < 100:
-            raise ValueError(f"n_mc must be an integer >= 100, got {n_mc!r}")
+        if isinstance(n_mc, bool) or not isinstance(n_mc, (int, np.integer)) or not 100 <= n_mc <= 2**62:
+            raise ValueError(f"n_mc must be an integer in 100..2^62, got {n_mc!r}")
         self.n_mc = int(n_mc)
-        if method not in METHODS:
+        # nodes xi1, xi2, z* (N, K) and y (N, T, T), plus the factors' per-node work arrays
+        check_memory(float(self.n_mc) * (8 * self.K + 4 * self.T * self.T) * 8,
+                     f"the SE output sample (n_mc={self.n_mc}, T={self.T})", "use a smaller n_mc")
+        if not isinstance(method, str) or method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {method!r}")
         self.method = "qmc" if method == "auto" else method
         if isinstance(qmc_seed, bool) or not isinstance(qmc_seed, numbers.Integral) or qmc_seed < 0:
@@ -396,6 +410,7 @@ class OutputSample:
             return self._views["mc"]
         if Qz is None:
             Qz = self.Q + self.noise
+        Qz = check_positive(Qz, "Qz")
         if reduced is None:
             reduced = factor is not None and _labels_flat_invariant(self.channel) and is_flat_invariant(factor)
         key = (float(Qz), bool(reduced))
@@ -443,6 +458,7 @@ class OutputSample:
 
     def omega(self, m, q):
         """``omega`` on the full rule for order parameters (m, q), shape (N, K)."""
+        m, q = _check_mq(m, q)
         r2 = max(q - m * m / self.Q, 0.0)
         return (m / math.sqrt(self.Q)) * self.xi1 + math.sqrt(r2) * self.xi2
 
@@ -494,15 +510,21 @@ class OutputSample:
         """``E ||phi(h*) - phi(h_hat)||_F^2`` with per-component covariance ``[[Q*, m], [m, q]]``
         (``phi`` the channel's noiseless map; docs/theory.md §7.5).  ``return_error=True``: also
         the rule's error estimate."""
-        rule, vals = self._test_values(m, q, noisy=False)
-        est = float(rule.mean(vals))
+        m, q = _check_mq(m, q)
+        with np.errstate(over="ignore", invalid="ignore"):
+            rule, vals = self._test_values(m, q, noisy=False)
+            est = float(rule.mean(vals))
+        _check_estimate(est, m, q)
         return (est, float(rule.error(vals))) if return_error else est
 
     def test_error_noisy(self, m, q, return_error: bool = False):
         """``E ||y - phi(h_hat)||_F^2`` with ``y`` the (noisy) labels of the sample: the error against
         the observed targets of a new sample (equals :meth:`test_error` for a noiseless channel)."""
-        rule, vals = self._test_values(m, q, noisy=True)
-        est = float(rule.mean(vals))
+        m, q = _check_mq(m, q)
+        with np.errstate(over="ignore", invalid="ignore"):
+            rule, vals = self._test_values(m, q, noisy=True)
+            est = float(rule.mean(vals))
+        _check_estimate(est, m, q)
         return (est, float(rule.error(vals))) if return_error else est
 
     def __repr__(self):

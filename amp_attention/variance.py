@@ -23,7 +23,7 @@ import warnings
 
 import numpy as np
 
-from ._validation import as_float_array
+from ._validation import as_float_array, check_nonnegative
 
 __all__ = [
     "GramVariance",
@@ -35,42 +35,45 @@ __all__ = [
 ]
 
 
-def prepare_variance(V, n: int, K: int):
+def prepare_variance(V, n: int, K: int, name: str = "V"):
     """Validate ``V`` and return ``(Vs, L)``, both ``(nV, K, K)`` with ``nV in {1, n}``.
 
     ``V`` is a positive scalar (``v I_K``), a ``(K, K)`` matrix or an ``(n, K, K)`` stack; it must
     be finite, symmetric (relative tolerance 1e-10) and positive definite.  ``L`` is the lower
-    Cholesky factor.
+    Cholesky factor.  ``name``: the argument named in error messages.
     """
+    for arg, val in (("n", n), ("K", K)):
+        if isinstance(val, (bool, np.bool_)) or not isinstance(val, numbers.Integral) or val < 1:
+            raise ValueError(f"{arg} must be an integer >= 1, got {val!r}")
     if isinstance(V, bool):
-        raise ValueError(f"V must be a positive number or a (K, K) / (n, K, K) array, got {V!r}")
-    arr = as_float_array(V, "V")
+        raise ValueError(f"{name} must be a positive number or a (K, K) / (n, K, K) array, got {V!r}")
+    arr = as_float_array(V, name)
     if arr.ndim == 0:
         v = float(arr)
         if v <= 0:
-            raise ValueError(f"V must be > 0 when given as a scalar, got {v!r}")
+            raise ValueError(f"{name} must be > 0 when given as a scalar, got {v!r}")
         eye = np.eye(K)
         return (v * eye)[None], (np.sqrt(v) * eye)[None]
     if arr.ndim == 2:
         if arr.shape != (K, K):
-            raise ValueError(f"V must have shape (K, K) = ({K}, {K}), got {arr.shape}")
+            raise ValueError(f"{name} must have shape (K, K) = ({K}, {K}), got {arr.shape}")
         arr = arr[None]
     elif arr.ndim == 3:
         if arr.shape != (n, K, K):
-            raise ValueError(f"V must have shape (n, K, K) = ({n}, {K}, {K}), got {arr.shape}")
+            raise ValueError(f"{name} must have shape (n, K, K) = ({n}, {K}, {K}), got {arr.shape}")
     else:
-        raise ValueError(f"V must be a scalar, (K, K) or (n, K, K), got shape {arr.shape}")
+        raise ValueError(f"{name} must be a scalar, (K, K) or (n, K, K), got shape {arr.shape}")
     scale = np.maximum(np.max(np.abs(arr), axis=(1, 2)), 1e-300)
     asym = np.max(np.abs(arr - np.swapaxes(arr, 1, 2)), axis=(1, 2))
     if np.any(asym > 1e-10 * scale):
-        raise ValueError("V must be symmetric (per sample)")
+        raise ValueError(f"{name} must be symmetric (per sample)")
     Vs = np.ascontiguousarray(0.5 * (arr + np.swapaxes(arr, 1, 2)))
     try:
         L = np.linalg.cholesky(Vs)
     except np.linalg.LinAlgError:
-        raise ValueError("V must be positive definite (per sample)") from None
+        raise ValueError(f"{name} must be positive definite (per sample)") from None
     if not np.all(np.isfinite(L)):
-        raise ValueError("V must be positive definite (per sample)")
+        raise ValueError(f"{name} must be positive definite (per sample)")
     return Vs, np.ascontiguousarray(L)
 
 
@@ -80,14 +83,22 @@ def is_positive_scalar(V) -> bool:
         return False
     zero_dim = isinstance(V, np.ndarray) and V.ndim == 0 and V.dtype.kind in "iuf"
     if isinstance(V, numbers.Real) or zero_dim:
-        v = float(V)
-        return np.isfinite(v) and v > 0
+        try:
+            v = float(V)
+        except (OverflowError, TypeError, ValueError):
+            return False
+        return bool(np.isfinite(v) and v > 0)
     return False
 
 
 def inverse_from_cholesky(L: np.ndarray) -> np.ndarray:
     """``V^{-1} = L^{-T} L^{-1}`` for a stack ``L (nV, K, K)`` of lower Cholesky factors,
     symmetrised (contiguous ``(nV, K, K)``)."""
+    L = as_float_array(L, "L", ndim=3)
+    if L.shape[1] != L.shape[2]:
+        raise ValueError(f"L must have shape (nV, K, K), got {L.shape}")
+    if np.any(np.diagonal(L, axis1=1, axis2=2) <= 0):
+        raise ValueError("L must be lower Cholesky factors with a positive diagonal")
     K = L.shape[-1]
     Linv = np.linalg.solve(L, np.broadcast_to(np.eye(K), L.shape))
     W = np.swapaxes(Linv, 1, 2) @ Linv
@@ -114,7 +125,7 @@ class GramVariance:
             raise ValueError(f"gamma must have shape (K, K) or (n, K, K), got {arr.shape}")
         n = arr.shape[0] if arr.ndim == 3 else 1
         K = arr.shape[-1]
-        self.gamma, self.chol = prepare_variance(arr, n, K)
+        self.gamma, self.chol = prepare_variance(arr, n, K, name="gamma")
         self.inv = inverse_from_cholesky(self.chol)
         self.diag = bool(np.all(self.gamma[:, ~np.eye(K, dtype=bool)] == 0.0))
 
@@ -123,11 +134,16 @@ class GramVariance:
         return self.gamma.shape[0] == 1
 
     def scaled(self, v: float) -> np.ndarray:
-        """``v Gamma`` as an ``(n, K, K)`` array, or ``(K, K)`` when shared."""
+        """``v Gamma`` as an ``(n, K, K)`` array, or ``(K, K)`` when shared (``v >= 0`` finite)."""
+        v = check_nonnegative(v, "v")
         return v * (self.gamma[0] if self.shared else self.gamma)
 
     def weighted_trace(self, dg: np.ndarray) -> np.ndarray:
         """``Tr(Gamma_mu dg_mu)`` per sample for ``dg (n, K, K)``."""
+        dg = np.asarray(dg, dtype=np.float64)
+        K = self.gamma.shape[-1]
+        if dg.ndim != 3 or dg.shape[1:] != (K, K) or (not self.shared and dg.shape[0] != self.gamma.shape[0]):
+            raise ValueError(f"dg must have shape (n, {K}, {K}) matching gamma {self.gamma.shape}, got {dg.shape}")
         return np.sum(self.gamma * dg, axis=(1, 2))
 
 
@@ -163,7 +179,13 @@ def sample_variance(gamma) -> GramVariance:
 def is_zero_variance(V) -> bool:
     """True for ``V = 0`` given as a scalar or an all-zero array (``V -> 0`` limit of ``g_out``)."""
     if isinstance(V, (numbers.Real, np.floating)) and not isinstance(V, bool):
-        return float(V) == 0.0
-    arr = np.asarray(V)
+        try:
+            return float(V) == 0.0
+        except (OverflowError, TypeError, ValueError):
+            return False
+    try:
+        arr = np.asarray(V)
+    except (TypeError, ValueError):  # ragged: not zero; prepare_variance names it
+        return False
     return arr.size > 0 and arr.dtype.kind == "f" and not np.any(arr)
 

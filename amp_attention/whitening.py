@@ -24,6 +24,15 @@ __all__ = ["pair_indices", "n_pairs", "whiten", "unwhiten", "flat_direction"]
 T_MAX = 8
 
 
+def _as_float(x, name: str) -> np.ndarray:
+    """``x`` as a float64 array (no finiteness check: iterates of a diverging run pass through),
+    else ``ValueError`` naming ``name``."""
+    try:
+        return np.asarray(x, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a real numeric array, got {type(x).__name__}") from None
+
+
 def n_pairs(T: int) -> int:
     """Number ``K = T(T+1)/2`` of whitened coordinates per sample."""
     return T * (T + 1) // 2
@@ -43,7 +52,7 @@ def pair_indices(T: int):
 
     Arrays of length ``K = T(T+1)/2`` (read-only), pairs ``a <= b`` in row-major order.
     """
-    if not isinstance(T, (int, np.integer)) or not 1 <= T <= T_MAX:
+    if isinstance(T, (bool, np.bool_)) or not isinstance(T, (int, np.integer)) or not 1 <= T <= T_MAX:
         raise ValueError(f"T must be an integer in 1..{T_MAX}, got {T!r}")
     return _pairs(int(T))
 
@@ -53,7 +62,7 @@ def whiten(H: np.ndarray) -> np.ndarray:
 
     ``z_k = (H_ab + H_ba) / (2 c_k)`` (the symmetric part; equal to ``H_ab / c_k`` for symmetric H).
     """
-    H = np.asarray(H, dtype=np.float64)
+    H = _as_float(H, "H")
     if H.ndim != 3 or H.shape[1] != H.shape[2]:
         raise ValueError(f"H must have shape (n, T, T), got {H.shape}")
     ia, ib, c = pair_indices(H.shape[1])
@@ -62,7 +71,7 @@ def whiten(H: np.ndarray) -> np.ndarray:
 
 def unwhiten(z: np.ndarray, T: int) -> np.ndarray:
     """Inverse of :func:`whiten` on symmetric matrices: ``z (n, K) -> H (n, T, T)``, ``H_ab = c_k z_k``."""
-    z = np.asarray(z, dtype=np.float64)
+    z = _as_float(z, "z")
     ia, ib, c = pair_indices(T)
     if z.ndim != 2 or z.shape[1] != ia.size:
         raise ValueError(f"z must have shape (n, {ia.size}) for T={T}, got {z.shape}")

@@ -60,10 +60,16 @@ LOSS_NAMES = ("square", "cross_entropy", "softmax_square")
 def make_loss(name: str, beta: float = 1.0, **options) -> Loss:
     """``'square'`` -> :class:`SquareLoss`; ``'cross_entropy'`` -> ``CrossEntropyLoss(beta)``;
     ``'softmax_square'`` -> ``SoftmaxSquareLoss(beta, **options)`` (``beta > 0``; options:
-    ``prox_start``, ``tol``, ``max_newton``)."""
-    if name not in LOSS_NAMES:
+    ``prox_start``, ``tol``, ``max_newton``).
+
+    The square loss has no temperature and ignores ``beta``, which must nevertheless be None or a
+    finite number > 0 (a typo such as ``beta='abc'`` or ``beta=-1`` is an error, not silently
+    dropped)."""
+    if not isinstance(name, str) or name not in LOSS_NAMES:
         raise ValueError(f"loss must be one of {LOSS_NAMES}, got {name!r}")
     if name == "square":
+        if beta is not None:
+            check_positive(beta, "beta")
         if options:
             raise ValueError(f"loss='square' takes no options, got {sorted(options)}")
         return SquareLoss()

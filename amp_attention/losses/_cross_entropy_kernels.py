@@ -127,8 +127,23 @@ def ce_softmax_rows(z, beta, kidx, cc, ebuf, S, want_lse):
 
 
 def ce_softmax_parts_numpy(y, H, beta):
-    """Row-wise stable pieces: returns ``value (n,)`` and the softmax ``s (n, T, T)`` of beta H."""
-    bh = beta * H
+    """Row-wise stable pieces: returns ``value (n,)`` and the softmax ``s (n, T, T)`` of beta H.
+
+    When ``beta H`` overflows, the row maximum of ``H`` is subtracted before multiplying by beta
+    (``softmax(beta (H - max H))``, exponents ``<= 0``) and the value is formed as
+    ``sum_a beta (max_b H_ab - sum_b y_ab H_ab) + log sum_b exp(...)``; it is inf only where the
+    loss itself exceeds float64."""
+    with np.errstate(over="ignore"):
+        bh = beta * H
+    if not np.all(np.isfinite(bh)):
+        with np.errstate(over="ignore", invalid="ignore"):
+            hm = np.max(H, axis=2, keepdims=True)
+            e = np.exp(beta * (H - hm))
+            ssum = np.sum(e, axis=2, keepdims=True)
+            s = e / ssum
+            gap = hm[..., 0] - np.sum(y * H, axis=2)  # (n, T)
+            value = np.sum(beta * gap + np.log(ssum[..., 0]), axis=1)
+        return value, s
     m = np.max(bh, axis=2, keepdims=True)
     e = np.exp(bh - m)
     ssum = np.sum(e, axis=2, keepdims=True)

@@ -35,13 +35,13 @@ import numbers
 
 import numpy as np
 
-from .._validation import as_float_array, check_positive, check_T
+from .._validation import as_float_array, check_nonnegative, check_positive, check_T
 from ..factors import OutputFactor
 from ..variance import GramVariance
 from ..whitening import n_pairs
 
 __all__ = ["Loss", "gram_g_out", "check_targets", "check_H", "check_z", "check_jacobian", "check_tol",
-           "check_max_newton"]
+           "check_max_newton", "check_finite_result"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -91,8 +91,18 @@ def check_max_newton(max_newton) -> int:
     return int(max_newton)
 
 
+def check_finite_result(what: str, beta, *arrays):
+    """Return ``arrays`` (one array: itself) if every value is finite, else a ``ValueError``:
+    the loss's ``what`` overflows float64 for these inputs (``beta`` None for the square loss)."""
+    if all(a is None or np.all(np.isfinite(a)) for a in arrays):
+        return arrays[0] if len(arrays) == 1 else arrays
+    temp = "" if beta is None else f" at beta = {beta!r}"
+    raise ValueError(f"{what} overflows float64{temp}: the inputs (y, H / z / omega, V){' times beta' if beta is not None else ''} "
+                     "are too large to represent the result; rescale them")
+
+
 def check_jacobian(jacobian) -> str:
-    if jacobian not in ("full", "trace"):
+    if not isinstance(jacobian, str) or jacobian not in ("full", "trace"):
         raise ValueError(f"jacobian must be 'full' or 'trace', got {jacobian!r}")
     return jacobian
 
@@ -154,7 +164,7 @@ class Loss(OutputFactor):
         every eigenvalue below the nuclear threshold: ``S = 0``, divergence 0).
         """
         jacobian = check_jacobian(jacobian)
-        omega = np.asarray(omega, dtype=np.float64)
+        omega = check_z(omega, "omega", self._targets(y))
         g = -self.grad_z(y, omega)
         H = self.hess_z(y, omega)
         dg = np.trace(H, axis1=1, axis2=2) if jacobian == "trace" else H
@@ -172,6 +182,11 @@ def gram_g_out(loss, y, omega, v: float, gram: GramVariance, p0=None):
     ``g_out(y, omega, V, p0=...)`` method (square loss, Bayes outputs) goes through it.
     ``v = 0`` gives the ``V -> 0`` limit.
     """
+    if not isinstance(gram, GramVariance):
+        raise ValueError(f"gram must be a GramVariance, got {type(gram).__name__}")
+    if not callable(getattr(loss, "g_out", None)):
+        raise ValueError(f"loss must be an output factor with a g_out method, got {type(loss).__name__}")
+    v = check_nonnegative(v, "v")
     if v > 0:
         return loss.g_out_gram(y, omega, v, gram, p0)
     g, dg, info = loss.g_out(y, omega, gram.scaled(v), p0=p0)

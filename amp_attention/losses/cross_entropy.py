@@ -53,7 +53,8 @@ from ._cross_entropy_kernels import (
     run_ce_value,
 )
 from ..whitening import pair_maps
-from .base import Loss, check_H, check_jacobian, check_max_newton, check_targets, check_tol, check_z
+from .base import (Loss, check_finite_result, check_H, check_jacobian, check_max_newton, check_targets, check_tol,
+                   check_z)
 
 __all__ = ["CrossEntropyLoss", "cross_entropy_prox", "cross_entropy_g_out"]
 
@@ -147,7 +148,7 @@ def cross_entropy_prox(
     tol = check_tol(tol)
     max_newton = check_max_newton(max_newton)
     p, _, _, info = _ce_run(y, omega, V, beta, p0, tol, max_newton, 0)
-    return p, info
+    return check_finite_result("the cross-entropy prox", beta, p), info
 
 
 def cross_entropy_g_out(
@@ -174,6 +175,7 @@ def cross_entropy_g_out(
     max_newton = check_max_newton(max_newton)
     jac_mode = 1 if check_jacobian(jacobian) == "full" else 2
     p, g, dg, info = _ce_run(y, omega, V, beta, p0, tol, max_newton, jac_mode)
+    check_finite_result("the cross-entropy g_out", beta, p, g, dg)
     info["p"] = p
     return g, dg, info
 
@@ -207,30 +209,37 @@ class CrossEntropyLoss(Loss):
         """Per-sample loss, shape (n,) (any real H; symmetric H in GAMP/ERM)."""
         y = self._targets(y)
         H = check_H(H, y)
-        return ce_softmax_parts_numpy(y, H, self.beta)[0]
+        return check_finite_result("the cross-entropy loss", self.beta, ce_softmax_parts_numpy(y, H, self.beta)[0])
 
     def grad_h(self, y, H):
         """``beta (softmax(beta H_a) - y_a)`` row-wise, shape (n, T, T)."""
         y = self._targets(y)
         H = check_H(H, y)
         _, s = ce_softmax_parts_numpy(y, H, self.beta)
-        return self.beta * (s - y)
+        with np.errstate(over="ignore"):
+            return check_finite_result("the cross-entropy gradient", self.beta, self.beta * (s - y))
 
     def value_z(self, y, z):
         """``l_y(z) = value(y, unwhiten(z))``, shape (n,)."""
         y = self._targets(y)
-        return run_ce_value(y, check_z(z, "z", y), self.beta)
+        z = check_z(z, "z", y)
+        with np.errstate(all="ignore"):
+            return check_finite_result("the cross-entropy loss", self.beta, run_ce_value(y, z, self.beta))
 
     def grad_z(self, y, z):
         """Gradient of ``l_y`` in whitened coordinates, shape (n, K); orthogonal to ``u`` when the
         rows of ``y`` sum to one."""
         y = self._targets(y)
-        return ce_grad_numpy(y, check_z(z, "z", y), self.beta)
+        z = check_z(z, "z", y)
+        with np.errstate(all="ignore"):
+            return check_finite_result("the cross-entropy gradient", self.beta, ce_grad_numpy(y, z, self.beta))
 
     def hess_z(self, y, z):
         """Hessian of ``l_y`` in whitened coordinates, shape (n, K, K), PSD, ``hess u = 0``."""
         y = self._targets(y)
-        return ce_hess_numpy(y, check_z(z, "z", y), self.beta)
+        z = check_z(z, "z", y)
+        with np.errstate(all="ignore"):
+            return check_finite_result("the cross-entropy Hessian", self.beta, ce_hess_numpy(y, z, self.beta))
 
     def prox(self, y, omega, V, p0=None):
         """See :func:`cross_entropy_prox`."""
@@ -257,6 +266,8 @@ class CrossEntropyLoss(Loss):
         ``Tr(Gamma_mu dg_mu)`` directly."""
         y = self._targets(y)
         omega = check_z(omega, "omega", y)
+        if not isinstance(gram, GramVariance):
+            raise ValueError(f"gram must be a GramVariance, got {type(gram).__name__}")
         if gram.gamma.shape[0] not in (1, y.shape[0]) or gram.gamma.shape[1] != omega.shape[1]:
             raise ValueError(f"gram has shape {gram.gamma.shape}, incompatible with omega {omega.shape}")
         v = check_positive(v, "v")

@@ -101,7 +101,7 @@ import numpy as np
 
 from .._validation import check_positive
 from ..model import row_softmax
-from ..variance import inverse_from_cholesky, is_positive_scalar, is_zero_variance, prepare_variance
+from ..variance import GramVariance, inverse_from_cholesky, is_positive_scalar, is_zero_variance, prepare_variance
 from ._softmax_square_kernels import (
     CONVERGED_STEP,
     DEFAULT_MAX_NEWTON,
@@ -111,7 +111,8 @@ from ._softmax_square_kernels import (
     run_ss_target_point,
     run_ss_value,
 )
-from .base import Loss, check_H, check_jacobian, check_max_newton, check_targets, check_tol, check_z
+from .base import (Loss, check_finite_result, check_H, check_jacobian, check_max_newton, check_targets, check_tol,
+                   check_z)
 
 __all__ = ["SoftmaxSquareLoss", "softmax_square_prox", "softmax_square_g_out"]
 
@@ -137,10 +138,13 @@ def _variance(V, n: int, K: int):
 
 
 def _run(y, omega, Vs, W, beta, p0, start, tol, max_newton, jac_mode):
-    p, g, jac, iterations, status, start_used = run_ss_prox(
-        y, omega, Vs, W, beta, p0=p0, start=start, tol=tol, max_newton=max_newton,
-        jac_mode=jac_mode,
-    )
+    with np.errstate(all="ignore"):
+        p, g, jac, iterations, status, start_used = run_ss_prox(
+            y, omega, Vs, W, beta, p0=p0, start=start, tol=tol, max_newton=max_newton,
+            jac_mode=jac_mode,
+        )
+    if jac_mode != 3:  # (GAMP's fused path: non-finite values go to GAMP's divergence check)
+        check_finite_result("the softmax-square prox", beta, p, g, jac)
     converged = status <= CONVERGED_STEP
     info = {
         "p": p,
@@ -238,7 +242,7 @@ class SoftmaxSquareLoss(Loss):
         self.beta = check_positive(beta, "beta")
         self.tol = check_tol(tol)
         self.max_newton = check_max_newton(max_newton)
-        if prox_start not in ("global", "teacher"):
+        if not isinstance(prox_start, str) or prox_start not in ("global", "teacher"):
             raise ValueError(f"prox_start must be 'global' or 'teacher', got {prox_start!r}")
         self.prox_start = prox_start
 
@@ -273,7 +277,8 @@ class SoftmaxSquareLoss(Loss):
         y = self._targets(y)
         H = check_H(H, y)
         s = row_softmax(H, self.beta)
-        return np.sum((s - y) ** 2, axis=(1, 2))
+        with np.errstate(over="ignore"):
+            return check_finite_result("the softmax-square loss", self.beta, np.sum((s - y) ** 2, axis=(1, 2)))
 
     def grad_h(self, y, H):
         """Derivative w.r.t. the entries of ``H`` (independent), shape (n, T, T):
@@ -283,23 +288,30 @@ class SoftmaxSquareLoss(Loss):
         s = row_softmax(H, self.beta)
         r = s - y
         d = r - np.sum(s * r, axis=2, keepdims=True)
-        return 2.0 * self.beta * s * d
+        with np.errstate(over="ignore", invalid="ignore"):
+            return check_finite_result("the softmax-square gradient", self.beta, 2.0 * self.beta * s * d)
 
     def value_z(self, y, z):
         """``l_y(z) = value(y, unwhiten(z))``, shape (n,)."""
         y = self._targets(y)
-        return run_ss_value(y, check_z(z, "z", y), self.beta)
+        z = check_z(z, "z", y)
+        with np.errstate(all="ignore"):
+            return check_finite_result("the softmax-square loss", self.beta, run_ss_value(y, z, self.beta))
 
     def grad_z(self, y, z):
         """Gradient of ``l_y`` in whitened coordinates, shape (n, K); orthogonal to ``u``."""
         y = self._targets(y)
-        return run_ss_derivs(y, check_z(z, "z", y), self.beta)[1]
+        z = check_z(z, "z", y)
+        with np.errstate(all="ignore"):
+            return check_finite_result("the softmax-square gradient", self.beta, run_ss_derivs(y, z, self.beta)[1])
 
     def hess_z(self, y, z):
         """Hessian of ``l_y`` in whitened coordinates, shape (n, K, K) (indefinite in general),
         ``hess u = 0``."""
         y = self._targets(y)
-        return run_ss_derivs(y, check_z(z, "z", y), self.beta)[2]
+        z = check_z(z, "z", y)
+        with np.errstate(all="ignore"):
+            return check_finite_result("the softmax-square Hessian", self.beta, run_ss_derivs(y, z, self.beta)[2])
 
     def prox(self, y, omega, V, p0=None, start=None):
         """See :func:`softmax_square_prox`."""
@@ -336,6 +348,8 @@ class SoftmaxSquareLoss(Loss):
         y, omega, beta, p0, _, tol, max_newton = _prepare(
             y, omega, self.beta, p0, None, self.tol, self.max_newton
         )
+        if not isinstance(gram, GramVariance):
+            raise ValueError(f"gram must be a GramVariance, got {type(gram).__name__}")
         if gram.gamma.shape[0] not in (1, y.shape[0]) or gram.gamma.shape[1] != omega.shape[1]:
             raise ValueError(
                 f"gram has shape {gram.gamma.shape}, incompatible with omega {omega.shape}"

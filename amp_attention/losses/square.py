@@ -15,7 +15,7 @@ import numpy as np
 from ..factors import Conjugates
 from ..variance import is_zero_variance, prepare_variance
 from ..whitening import whiten
-from .base import Loss, check_H, check_jacobian, check_targets, check_z
+from .base import Loss, check_finite_result, check_H, check_jacobian, check_targets, check_z
 
 __all__ = ["SquareLoss", "square_prox", "square_g_out"]
 
@@ -69,8 +69,9 @@ def square_prox(y, omega, V):
     y = check_targets(y)
     omega = check_z(omega, "omega", y)
     Vs, _ = prepare_variance(V, y.shape[0], omega.shape[1])
-    p, _, _ = _square_prox_core(y, omega, Vs)
-    return p, _closed_form_info(y.shape[0])
+    with np.errstate(over="ignore", invalid="ignore"):
+        p, _, _ = _square_prox_core(y, omega, Vs)
+    return check_finite_result("the square-loss prox", None, p), _closed_form_info(y.shape[0])
 
 
 def square_g_out(y, omega, V, jacobian: str = "full"):
@@ -85,7 +86,9 @@ def square_g_out(y, omega, V, jacobian: str = "full"):
     jacobian = check_jacobian(jacobian)
     n, K = omega.shape
     Vs, _ = prepare_variance(V, n, K)
-    p, g, A = _square_prox_core(y, omega, Vs)
+    with np.errstate(over="ignore", invalid="ignore"):
+        p, g, A = _square_prox_core(y, omega, Vs)
+    check_finite_result("the square-loss g_out", None, p, g, A)
     if jacobian == "full":
         dg = np.empty((n, K, K))
         dg[...] = 2.0 * A
@@ -113,22 +116,30 @@ class SquareLoss(Loss):
     def value(self, y, H):
         """Per-sample loss ``1/2 ||y - H||_F^2``, shape (n,)."""
         y = self._targets(y)
-        return _square_value(y, check_H(H, y))
+        H = check_H(H, y)
+        with np.errstate(over="ignore", invalid="ignore"):
+            return check_finite_result("the square loss", None, _square_value(y, H))
 
     def grad_h(self, y, H):
         """``H - y``, shape (n, T, T)."""
         y = self._targets(y)
-        return check_H(H, y) - y
+        H = check_H(H, y)
+        with np.errstate(over="ignore", invalid="ignore"):
+            return check_finite_result("the square-loss gradient", None, H - y)
 
     def value_z(self, y, z):
         """``l_y(z)`` (n,) for z (n, K); equals ``value(y, unwhiten(z))``."""
         y = self._targets(y)
-        return _square_value_z(y, check_z(z, "z", y))
+        z = check_z(z, "z", y)
+        with np.errstate(over="ignore", invalid="ignore"):
+            return check_finite_result("the square loss", None, _square_value_z(y, z))
 
     def grad_z(self, y, z):
         """``2 (z - z_y)``, shape (n, K)."""
         y = self._targets(y)
-        return 2.0 * (check_z(z, "z", y) - whiten(y))
+        z = check_z(z, "z", y)
+        with np.errstate(over="ignore", invalid="ignore"):
+            return check_finite_result("the square-loss gradient", None, 2.0 * (z - whiten(y)))
 
     def hess_z(self, y, z):
         """``2 I_K`` per sample, shape (n, K, K)."""

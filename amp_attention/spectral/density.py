@@ -11,6 +11,7 @@ docstring; the Stieltjes transforms come from :mod:`.backends`, the quadrature f
 
 from __future__ import annotations
 
+import contextlib
 import math
 import numbers
 from typing import Callable, NamedTuple, Sequence
@@ -24,6 +25,70 @@ from .quadrature import QuadratureGrid, piece_nodes
 from .scalar_maps import apply_denoiser, check_denoiser, denoiser_derivative
 
 __all__ = ["RDensity", "r_density", "rie_denoiser", "rie_mmse", "Pushforward", "shat_spectrum"]
+
+
+#: Largest number of Gauss-Legendre nodes per quadrature piece accepted by :class:`RDensity`.
+MAX_NODES = 1000
+
+
+@contextlib.contextmanager
+def _out_of_range(a, Delta, law):
+    """Turn a numerical breakdown of the back-ends (overflow, underflow to 0, singular solves) at
+    extreme ``a`` / ``Delta`` into a ``ValueError`` naming them: the density of
+    ``R = a S* + sqrt(Delta) W`` depends on the ratio ``Delta / (a max|lambda|)^2``, and float64
+    cannot resolve it far outside ~[1e-30, 1e300] (discrete laws) or where the numbers overflow."""
+    try:
+        with np.errstate(all="ignore"):
+            yield
+    except (ZeroDivisionError, OverflowError, FloatingPointError, np.linalg.LinAlgError,
+            RuntimeError) as exc:
+        with np.errstate(over="ignore"):
+            r = a * law.radius  # (r * r, not r ** 2: no OverflowError)
+            ratio = Delta / (r * r) if r > 0 else math.inf
+        raise ValueError(
+            f"Delta = {Delta!r} and a = {a!r} are out of the range where the density of "
+            f"R = a S* + sqrt(Delta) W can be computed in float64 for {law!r} "
+            f"(Delta / (a max|lambda|)^2 = {ratio:.3g}; {type(exc).__name__}: {exc})") from None
+
+
+def _check_kinks(kinks) -> tuple:
+    """Quadrature breakpoints: a sequence of finite real numbers, as a tuple of floats."""
+    try:
+        arr = np.atleast_1d(np.asarray(kinks, dtype=np.float64)).ravel()
+    except (TypeError, ValueError):
+        raise ValueError(f"kinks must be a sequence of finite real numbers, got {kinks!r}") from None
+    if not np.all(np.isfinite(arr)):
+        raise ValueError(f"kinks must be finite, got {kinks!r}")
+    return tuple(float(k) for k in arr)
+
+
+class _ScaledBackend:
+    """The back-end of ``R`` from the back-end ``inner`` of ``R / c`` (``c`` a power of two, so
+    that every rescaling below is exact): ``x = c x'``, ``t = c t'``, ``rho = rho' / c``,
+    ``G = G' / c``; masses and ``dx/dt`` unchanged."""
+
+    def __init__(self, inner, c: float):
+        self.inner, self.c = inner, c
+        self.t_intervals = inner.t_intervals * c
+        self.x_intervals = inner.x_intervals * c
+        self.masses = inner.masses
+
+    def breakpoints(self, j):
+        return np.asarray(self.inner.breakpoints(j)) * self.c
+
+    def state(self, t):
+        x, reg, rho, dxdt = self.inner.state(np.asarray(t, float) / self.c)
+        return x * self.c, reg / self.c, rho / self.c, dxdt
+
+    def x_to_t(self, x):
+        return self.inner.x_to_t(np.asarray(x, float) / self.c) * self.c
+
+    def stieltjes(self, x, grid: QuadratureGrid | None = None):
+        x = np.asarray(x, float) / self.c
+        if grid is None:
+            return self.inner.stieltjes(x) / self.c
+        g = QuadratureGrid(grid.x / self.c, grid.weights, grid.re_g * self.c, grid.density * self.c)
+        return self.inner.stieltjes(x, g) / self.c
 
 
 class RDensity:
@@ -59,21 +124,39 @@ class RDensity:
         self.a = check_nonnegative(a, "a")
         self.Delta = check_positive(Delta, "Delta")
         if n_nodes is not None and (isinstance(n_nodes, bool) or not isinstance(n_nodes, numbers.Integral)
-                                    or n_nodes < 4):
-            raise ValueError(f"n_nodes must be None or an integer >= 4, got {n_nodes!r}")
+                                    or not 4 <= n_nodes <= MAX_NODES):
+            raise ValueError(f"n_nodes must be None or an integer in 4..{MAX_NODES}, got {n_nodes!r}")
+        if not isinstance(use_numba, (bool, np.bool_)):
+            raise ValueError(f"use_numba must be True or False, got {use_numba!r}")
         # a ||S*|| below 1e-9 sqrt(Delta): R is a semicircle to that relative accuracy; use the
         # a = 0 formulas (avoids the degenerate cubic / 0/0 in the m formula).
-        self.a_negligible = self.a * law.radius <= 1e-9 * math.sqrt(self.Delta)
-        if self.a_negligible:
-            self._b = SemicircleBackend(self.Delta, 0.0)
-        elif law.kind == "semicircle":
-            self._b = SemicircleBackend(self.a**2 * law.semicircle_variance + self.Delta, self.a * law.center)
-        elif law.kind == "wishart":
-            self._b = CubicBackend(law.rho, self.a, self.Delta)
-        else:
-            self._b = AtomsBackend(law.eigenvalues, law.weights, self.a, self.Delta, use_numba)
+        with np.errstate(over="ignore"):
+            self.a_negligible = bool(self.a * law.radius <= 1e-9 * math.sqrt(self.Delta))
+        with _out_of_range(self.a, self.Delta, law):
+            # Far from unit scale (|R| beyond 2^+-30), work with R / c, c a power of two (exact):
+            # the back-ends form powers of x up to the fourth, which would overflow or underflow.
+            with np.errstate(over="ignore"):
+                scale = max(self.a * law.radius, math.sqrt(self.Delta))
+            c = 1.0
+            if not 2.0**-30 <= scale <= 2.0**30:
+                c = math.ldexp(1.0, math.frexp(scale)[1])
+            a, D = self.a / c, self.Delta / (c * c)
+            if not (D >= np.finfo(np.float64).tiny and math.isfinite(a)):
+                raise FloatingPointError("Delta / (a max|lambda|)^2 is not representable in float64")
+            if self.a_negligible:
+                b = SemicircleBackend(D, 0.0)
+            elif law.kind == "semicircle":
+                b = SemicircleBackend(a * a * law.semicircle_variance + D, a * law.center)
+            elif law.kind == "wishart":
+                b = CubicBackend(law.rho, a, D)
+            else:
+                b = AtomsBackend(law.eigenvalues, law.weights, a, D, use_numba)
+            self._kind = type(b)
+            self._b = b if c == 1.0 else _ScaledBackend(b, c)
+            if not np.all(np.isfinite(self._b.x_intervals)):
+                raise FloatingPointError("support edges not finite")
         if n_nodes is None:
-            n_nodes = 16 if isinstance(self._b, AtomsBackend) else 24
+            n_nodes = 16 if self._kind is AtomsBackend else 24
         self.n_nodes = int(n_nodes)
         self._grid = None
         self.intervals = self._b.x_intervals
@@ -97,14 +180,18 @@ class RDensity:
 
     def grid(self, kinks: Sequence[float] = ()) -> QuadratureGrid:
         """Quadrature grid against ``rho_R``, with extra breakpoints at the x-points ``kinks``."""
+        kinks = _check_kinks(kinks)
         if len(kinks) == 0 and self._grid is not None:
             return self._grid
-        pieces = list(self._pieces(kinks))
-        t = np.concatenate([pc[1] for pc in pieces])
-        dt = np.concatenate([pc[2] for pc in pieces])
-        x, reg, rho, dxdt = self._b.state(t)
-        order = np.argsort(x, kind="stable")
-        g = QuadratureGrid(x[order], (dt * rho * dxdt)[order], reg[order], rho[order])
+        with _out_of_range(self.a, self.Delta, self.law):
+            pieces = list(self._pieces(kinks))
+            t = np.concatenate([pc[1] for pc in pieces])
+            dt = np.concatenate([pc[2] for pc in pieces])
+            x, reg, rho, dxdt = self._b.state(t)
+            order = np.argsort(x, kind="stable")
+            g = QuadratureGrid(x[order], (dt * rho * dxdt)[order], reg[order], rho[order])
+            if not all(np.all(np.isfinite(v)) for v in g):
+                raise FloatingPointError("quadrature grid not finite")
         if len(kinks) == 0:
             self._grid = g
             if self._b.masses is None:
@@ -139,6 +226,8 @@ class RDensity:
         """``int f(x) rho_R(x) dx``; ``kinks`` defaults to ``f.kinks`` if present."""
         if kinks is None:
             kinks = check_denoiser(f)
+        else:
+            check_denoiser(f)
         g = self.grid(kinks)
         return float(np.dot(g.weights, apply_denoiser(f, g.x)))
 
@@ -149,10 +238,13 @@ class RDensity:
         flat = xa.ravel()
         if flat.size == 0:
             return np.empty(xa.shape, complex)
-        if isinstance(self._b, CubicBackend):
-            G = self._b.stieltjes(flat, self.grid())
-        else:
-            G = self._b.stieltjes(flat)
+        with _out_of_range(self.a, self.Delta, self.law):
+            if self._kind is CubicBackend:
+                G = self._b.stieltjes(flat, self.grid())
+            else:
+                G = self._b.stieltjes(flat)
+            if not np.all(np.isfinite(G)):
+                raise FloatingPointError("G_R not finite at some x")
         return G.reshape(xa.shape)
 
     def re_stieltjes(self, x) -> np.ndarray:
@@ -190,6 +282,16 @@ def r_density(law: SpectralLaw, a: float, Delta: float, n_nodes: int | None = No
 # ---------------------------------------------------------------------------------------------
 
 
+def check_density(density, law: SpectralLaw, a: float, Delta: float) -> RDensity:
+    """``density`` (an :class:`RDensity` built for these ``(law, a, Delta)``), or a new one if None."""
+    if density is None:
+        return RDensity(law, a, Delta)
+    if not isinstance(density, RDensity) or density.law is not law or density.a != a or density.Delta != Delta:
+        raise ValueError("density must be None or an RDensity built for the same (law, a, Delta), "
+                         f"got {type(density).__name__}")
+    return density
+
+
 def rie_denoiser(x, law: SpectralLaw, Delta: float, a: float = 1.0, density: RDensity | None = None) -> np.ndarray:
     """Bayes-optimal RIE (docs/theory.md §6): ``f(x) = (x - 2 Delta Re G_R(x)) / a``.
 
@@ -199,20 +301,46 @@ def rie_denoiser(x, law: SpectralLaw, Delta: float, a: float = 1.0, density: RDe
     law = check_law(law)
     a = check_positive(a, "a")
     Delta = check_positive(Delta, "Delta")
-    if density is None:
-        density = RDensity(law, a, Delta)
+    density = check_density(density, law, a, Delta)
     return density.rie(x)
 
 
 def rie_mmse(law: SpectralLaw, Delta: float, density: RDensity | None = None) -> float:
     """MMSE per ``Tr/d`` of the RIE for ``R = S* + sqrt(Delta) W`` (§6):
-    ``Delta - (4 pi^2 / 3) Delta^2 int rho_R^3``."""
+    ``Delta - (4 pi^2 / 3) Delta^2 int rho_R^3``, clipped at 0 (rounding).
+
+    Extreme ``Delta`` (the formula cancels catastrophically, or the density cannot be resolved in
+    float64), with ``v`` the variance of the law:
+
+    * ``Delta > 1e7 v``: ``v Delta / (v + Delta)`` (the low-SNR expansion
+      ``mmse = v - v^2/Delta + O(Delta^-2)``; the formula would lose ``eps Delta / v`` relative);
+    * discrete laws with ``Delta < 1e-20 gap^2`` (``gap``: smallest spacing of the atoms):
+      ``Delta (1 - sum_k w_k^2)`` (the high-SNR limit: each atom of weight ``w`` becomes a
+      semicircle of variance ``w Delta``; relative error ``O(Delta / gap^2)``).
+    """
     law = check_law(law)
     Delta = check_positive(Delta, "Delta")
-    if density is None:
-        density = RDensity(law, 1.0, Delta)
+    if density is not None:
+        density = check_density(density, law, 1.0, Delta)
+    v = law.variance
+    if Delta > 1e7 * v:
+        return float(v / (1.0 + v / Delta))
+    if law.kind == "atoms" and law.eigenvalues.size > 1:
+        lam, w = law.eigenvalues, law.weights
+        keep = np.concatenate([[True], np.diff(lam) > 1e-12 * np.max(np.abs(lam))])
+        gaps = np.diff(lam[keep])
+        if gaps.size and Delta < 1e-20 * float(np.min(gaps)) ** 2:
+            wm = np.bincount(np.cumsum(keep) - 1, weights=w)
+            return float(Delta * (1.0 - np.dot(wm, wm)))
+    density = check_density(density, law, 1.0, Delta)
     g = density.grid()
-    return float(Delta - (4 * np.pi**2 / 3) * Delta**2 * np.dot(g.weights, g.density**2))
+    I = np.dot(g.weights, g.density**2)
+    c = 4 * np.pi**2 / 3
+    if 1e-300 < Delta * Delta < 1e300:
+        mmse = Delta - c * Delta**2 * I
+    else:  # Delta^2 would overflow or lose digits (subnormal): Delta (1 - c Delta int rho^3), Delta int rho^3 = O(1)
+        mmse = Delta * (1.0 - c * (Delta * I))
+    return max(float(mmse), 0.0)
 
 
 
@@ -247,8 +375,7 @@ def shat_spectrum(law: SpectralLaw, a: float, Delta: float, f: Callable,
     a = check_nonnegative(a, "a")
     Delta = check_positive(Delta, "Delta")
     kinks = check_denoiser(f)
-    if density is None:
-        density = RDensity(law, a, Delta)
+    density = check_density(density, law, a, Delta)
     b = density._b
     atom = 0.0
     ys, ds = [], []

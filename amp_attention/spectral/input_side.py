@@ -16,8 +16,8 @@ from typing import Callable, NamedTuple
 
 import numpy as np
 
-from .._validation import check_nonnegative, check_positive, check_rng
-from .density import RDensity
+from .._validation import check_memory, check_nonnegative, check_positive, check_rng
+from .density import RDensity, check_density
 from .laws import SpectralLaw, check_law
 from .scalar_maps import apply_denoiser, check_denoiser
 
@@ -58,10 +58,7 @@ def free_input_side(law: SpectralLaw, a: float, Delta: float, f: Callable, A_hat
     Delta = check_positive(Delta, "Delta")
     A_hat = check_positive(A_hat, "A_hat")
     kinks = check_denoiser(f)
-    if density is None:
-        density = RDensity(law, a, Delta)
-    elif not isinstance(density, RDensity) or density.law is not law or density.a != a or density.Delta != Delta:
-        raise ValueError("density must be an RDensity built for the same (law, a, Delta)")
+    density = check_density(density, law, a, Delta)
     g = density.grid(kinks)
     fx = apply_denoiser(f, g.x)
     wf = g.weights * fx
@@ -71,14 +68,18 @@ def free_input_side(law: SpectralLaw, a: float, Delta: float, f: Callable, A_hat
         m = float(np.sum(wf)) * law.mean
     else:
         m = float(np.dot(wf, g.x - 2.0 * Delta * g.re_g)) / a
+    if not all(math.isfinite(v) for v in (m, q, V)):
+        raise ValueError(f"the input side overflows float64 for f = {f!r}, A_hat = {A_hat!r}, "
+                         f"a = {a!r}, Delta = {Delta!r}: got (m, q, V) = {(m, q, V)}")
     return InputSide(m, q, V)
 
 
 def sample_goe(d: int, rng=None) -> np.ndarray:
     """GOE ``d x d``: off-diagonal variance ``1/d``, diagonal ``2/d`` (semicircle on [-2, 2])."""
-    if isinstance(d, bool) or not isinstance(d, numbers.Integral) or d < 1:
-        raise ValueError(f"d must be an integer >= 1, got {d!r}")
+    if isinstance(d, bool) or not isinstance(d, numbers.Integral) or not 1 <= d <= 2**62:
+        raise ValueError(f"d must be an integer in 1..2^62, got {d!r}")
     rng = check_rng(rng)
+    check_memory(3.0 * float(d) * d * 8, f"sample_goe(d={d})", "use a smaller d")
     G = rng.standard_normal((d, d))
     return (G + G.T) / math.sqrt(2.0 * d)
 

@@ -9,11 +9,10 @@ discrete law; ``'semicircle'``), the validation done by its constructors, and :f
 from __future__ import annotations
 
 import math
-import numbers
 
 import numpy as np
 
-from .._validation import as_float_array, check_positive
+from .._validation import as_float_array, check_positive, check_real
 
 __all__ = ["SpectralLaw", "check_law"]
 
@@ -43,24 +42,29 @@ class SpectralLaw:
         self.weights = weights
         self.semicircle_variance = variance
         self.center = center
-        if kind == "wishart":
-            self.mean = math.sqrt(rho)
-            self.Q = 1.0 + rho
-        elif kind == "atoms":
-            self.mean = float(np.dot(weights, eigenvalues))
-            self.Q = float(np.dot(weights, eigenvalues**2))
-        elif kind == "semicircle":
-            self.mean = center
-            self.Q = variance + center**2
-        else:  # pragma: no cover - constructors only
-            raise ValueError(f"unknown kind {kind!r}")
+        with np.errstate(over="ignore"):
+            if kind == "wishart":
+                self.mean = math.sqrt(rho)
+                self.Q = 1.0 + rho
+            elif kind == "atoms":
+                self.mean = float(np.dot(weights, eigenvalues))
+                self.Q = float(np.dot(weights, eigenvalues**2))
+            elif kind == "semicircle":
+                self.mean = center
+                self.Q = variance + center * center
+            else:  # pragma: no cover - constructors only
+                raise ValueError(f"unknown kind {kind!r}")
+        if not (math.isfinite(self.mean) and math.isfinite(self.Q)):
+            what = {"wishart": "rho", "atoms": "eigenvalues", "semicircle": "variance and mean"}[kind]
+            raise ValueError(f"{what}: the second moment Q = Tr(S*^2)/d of this law overflows float64 "
+                             f"(max |eigenvalue| must stay below ~1e154); rescale the teacher")
 
     @property
     def radius(self) -> float:
         """``max |lambda|`` over the support of the law."""
         if self.kind == "wishart":
             s = math.sqrt(self.rho)
-            return s * (1.0 + 1.0 / s) ** 2
+            return s * ((1.0 + 1.0 / s) * (1.0 + 1.0 / s))  # (not ** 2: no OverflowError)
         if self.kind == "atoms":
             return float(np.max(np.abs(self.eigenvalues)))
         return abs(self.center) + 2.0 * math.sqrt(self.semicircle_variance)
@@ -86,6 +90,8 @@ class SpectralLaw:
                 raise ValueError(f"weights must have the shape of eigenvalues {lam.shape}, got {w.shape}")
             if np.any(w < 0) or w.sum() <= 0:
                 raise ValueError("weights must be >= 0 with a positive sum")
+            if not np.isfinite(w.sum()):  # the sum overflows: normalise by the largest first
+                w = w / w.max()
             w = w / w.sum()
             lam, w = lam[w > 0], w[w > 0]
         order = np.argsort(lam, kind="stable")
@@ -94,9 +100,8 @@ class SpectralLaw:
     @classmethod
     def semicircle(cls, variance: float, mean: float = 0.0) -> "SpectralLaw":
         variance = check_positive(variance, "variance")
-        if isinstance(mean, bool) or not isinstance(mean, numbers.Real) or not np.isfinite(mean):
-            raise ValueError(f"mean must be a finite real number, got {mean!r}")
-        return cls("semicircle", variance=variance, center=float(mean))
+        mean = check_real(mean, "mean")
+        return cls("semicircle", variance=variance, center=mean)
 
     def __repr__(self) -> str:
         if self.kind == "wishart":
@@ -106,7 +111,9 @@ class SpectralLaw:
         return f"SpectralLaw.atoms(<{self.eigenvalues.size} eigenvalues>)"
 
 
-def check_law(law) -> SpectralLaw:
+def check_law(law, name: str = "law") -> SpectralLaw:
+    """Return ``law`` if it is a :class:`SpectralLaw`, else a ``ValueError`` naming ``name`` (the
+    argument's name in the caller)."""
     if not isinstance(law, SpectralLaw):
-        raise ValueError(f"law must be a SpectralLaw, got {type(law).__name__}")
+        raise ValueError(f"{name} must be a SpectralLaw, got {type(law).__name__}")
     return law

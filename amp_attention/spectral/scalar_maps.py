@@ -13,9 +13,9 @@ an optional ``derivative`` method (central finite differences otherwise).
 
 from __future__ import annotations
 
-import numbers
-
 import numpy as np
+
+from .._validation import check_real
 
 __all__ = ["SoftThreshold", "LinearShrinkage", "check_denoiser", "apply_denoiser", "denoiser_derivative"]
 
@@ -28,9 +28,7 @@ class SoftThreshold:
     """
 
     def __init__(self, tau: float):
-        if isinstance(tau, bool) or not isinstance(tau, numbers.Real) or not np.isfinite(tau):
-            raise ValueError(f"tau must be a finite real number, got {tau!r}")
-        self.tau = float(tau)
+        self.tau = check_real(tau, "tau")
         self.kinks = (self.tau,)
 
     def __call__(self, x):
@@ -49,9 +47,7 @@ class LinearShrinkage:
     kinks: tuple = ()
 
     def __init__(self, c: float):
-        if isinstance(c, bool) or not isinstance(c, numbers.Real) or not np.isfinite(c):
-            raise ValueError(f"c must be a finite real number, got {c!r}")
-        self.c = float(c)
+        self.c = check_real(c, "c")
 
     def __call__(self, x):
         return self.c * np.asarray(x, dtype=np.float64)
@@ -64,26 +60,57 @@ class LinearShrinkage:
 
 
 def check_denoiser(f, name: str = "f"):
+    """Validate the scalar map ``f`` (callable, optional finite real ``kinks``); return its kinks."""
     if not callable(f):
         raise ValueError(f"{name} must be a callable scalar denoiser, got {type(f).__name__}")
     kinks = getattr(f, "kinks", ())
-    kinks = tuple(float(k) for k in np.atleast_1d(np.asarray(kinks, dtype=np.float64)))
-    return kinks
+    try:
+        kinks = np.atleast_1d(np.asarray(kinks, dtype=np.float64)).ravel()
+    except (TypeError, ValueError):
+        raise ValueError(f"{name}.kinks must be a sequence of finite real numbers, got {kinks!r}") from None
+    if not np.all(np.isfinite(kinks)):
+        raise ValueError(f"{name}.kinks must be finite, got {kinks!r}")
+    return tuple(float(k) for k in kinks)
 
 
-def apply_denoiser(f, x: np.ndarray, name: str = "f") -> np.ndarray:
-    y = np.asarray(f(x), dtype=np.float64)
-    if y.shape != x.shape:
-        y = np.broadcast_to(y, x.shape).astype(np.float64)
+def _values(out, x: np.ndarray, what: str) -> np.ndarray:
+    """``out`` as a finite float64 array of the shape of ``x`` (broadcast), else ``ValueError``."""
+    try:
+        y = np.asarray(out, dtype=np.float64)
+        if y.shape != x.shape:
+            y = np.broadcast_to(y, x.shape).astype(np.float64)
+    except (TypeError, ValueError):
+        raise ValueError(f"{what} must return real numbers broadcastable to the input's shape "
+                         f"{x.shape}, got {type(out).__name__}") from None
     if not np.all(np.isfinite(y)):
-        raise ValueError(f"{name} returned NaN or inf")
+        raise ValueError(f"{what} returned NaN or inf")
     return y
 
 
-def denoiser_derivative(f, x: np.ndarray) -> np.ndarray:
-    """``f'(x)``: ``f.derivative`` if provided, else central finite differences."""
+def apply_denoiser(f, x: np.ndarray, name: str = "f") -> np.ndarray:
+    """``f(x)`` as a finite float64 array of the shape of ``x``, else ``ValueError`` naming ``name``
+    (also when ``f`` itself raises a ``ValueError`` or ``TypeError`` on the array ``x``)."""
+    try:
+        out = f(x)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{name} must map an array of eigenvalues to real values; it raised "
+                         f"{type(exc).__name__}: {exc}") from None
+    return _values(out, x, name)
+
+
+def denoiser_derivative(f, x: np.ndarray, name: str = "f") -> np.ndarray:
+    """``f'(x)``: ``f.derivative`` if provided, else central finite differences (finite values)."""
     der = getattr(f, "derivative", None)
     if der is not None:
-        return np.asarray(der(x), dtype=np.float64) * np.ones_like(x)
+        if not callable(der):
+            raise ValueError(f"{name}.derivative must be callable, got {type(der).__name__}")
+        try:
+            out = der(x)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"{name}.derivative must map an array of eigenvalues to real values; it "
+                             f"raised {type(exc).__name__}: {exc}") from None
+        return _values(out, x, f"{name}.derivative")
     h = 1e-6 * (1.0 + np.abs(x))
-    return (apply_denoiser(f, x + h) - apply_denoiser(f, x - h)) / (2 * h)
+    with np.errstate(over="ignore"):
+        out = (apply_denoiser(f, x + h, name) - apply_denoiser(f, x - h, name)) / (2 * h)
+    return _values(out, x, f"the finite-difference derivative of {name}")
