@@ -44,9 +44,19 @@ def as_float_array(x, name: str, ndim: int | None = None, allow_empty: bool = Fa
         raise ValueError(f"{name} must be {ndim}-dimensional, got shape {arr.shape}")
     if not allow_empty and arr.size == 0:
         raise ValueError(f"{name} must not be empty, got shape {arr.shape}")
-    if not np.all(np.isfinite(arr)):
+    if not all_finite(arr):
         raise ValueError(f"{name} contains NaN or inf")
     return arr
+
+
+def all_finite(arr: np.ndarray, block: int = 1 << 20) -> bool:
+    """``np.all(np.isfinite(arr))`` without a boolean temporary of arr's size (blocks of ``block``)."""
+    if not arr.flags.c_contiguous:
+        return bool(np.all(np.isfinite(arr)))
+    flat = arr.reshape(-1)
+    if flat.size <= block:
+        return bool(np.all(np.isfinite(flat)))
+    return all(bool(np.all(np.isfinite(flat[i:i + block]))) for i in range(0, flat.size, block))
 
 
 def check_T(T) -> int:
@@ -66,7 +76,7 @@ def check_tokens(X, keep_float32: bool = False) -> np.ndarray:
             raise ValueError(f"X must be 3-dimensional, got shape {X.shape}")
         if X.size == 0:
             raise ValueError(f"X must not be empty, got shape {X.shape}")
-        if not np.all(np.isfinite(X)):
+        if not all_finite(X):
             raise ValueError("X contains NaN or inf")
     else:
         X = as_float_array(X, "X", ndim=3)

@@ -203,12 +203,16 @@ def _gamp_loop(op, gram, y, loss, denoiser, loop, V0, S_star):
             z = op.forward(S, check=False)
         if not loop.finite(z=z):
             break
-        obj_loss = float(np.sum(loss.value_z(y, z)))
+        try:  # the factors refuse to return a loss or penalty that overflows float64
+            obj_loss = float(np.sum(loss.value_z(y, z)))
+            objective = obj_loss + denoiser.penalty(S)
+        except (ValueError, ArithmeticError) as exc:
+            loop.diverge(f"iteration {t}: the objective is not finite: {exc}")
+            break
         if S_star is not None:
             m_t, mse_t = float(np.sum(S * S_star)) / d, float(np.sum((S - S_star) ** 2)) / d
         else:
             m_t = mse_t = np.nan
-        objective = obj_loss + denoiser.penalty(S)
         if not loop.record(m=m_t, q=float(np.sum(S * S)) / d, mse=mse_t, V=V, A_hat=A_hat,
                     objective=objective, train_objective=objective / d**2, train_loss=obj_loss / n, step=step,
                     time=time.perf_counter() - t0, prox_iters=int(info.get("n_iter", 0)),

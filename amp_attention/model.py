@@ -19,6 +19,7 @@ from ._validation import (
     check_rng,
     check_symmetric,
     check_T,
+    check_tokens,
 )
 from .operator import preactivations
 from .spectral import SpectralLaw
@@ -361,8 +362,7 @@ class Dataset:
     h: np.ndarray
 
     def __post_init__(self):
-        X = as_float_array(self.X, "X", ndim=3)
-        check_T(X.shape[1])
+        X = check_tokens(self.X, keep_float32=True)  # float32 tokens stay float32
         n, T = X.shape[0], X.shape[1]
         for name in ("y", "h"):
             arr = as_float_array(getattr(self, name), name, ndim=3)
@@ -384,18 +384,27 @@ class Dataset:
         return self.X.shape[2]
 
 
-def sample_tokens(n: int, T: int, d: int, rng=None) -> np.ndarray:
-    """Tokens ``X (n, T, d)`` with iid N(0, 1) entries.
+def _check_dtype(dtype) -> np.dtype:
+    if dtype not in ("float64", "float32", np.float64, np.float32):
+        raise ValueError(f"dtype must be 'float64' or 'float32', got {dtype!r}")
+    return np.dtype(dtype)
 
-    Sizes whose array would not fit in the available memory (or whose element count overflows)
-    raise :class:`~amp_attention._validation.InsufficientMemoryError` (a ``ValueError``) naming
-    ``n`` and ``d`` before anything is allocated."""
+
+def sample_tokens(n: int, T: int, d: int, rng=None, dtype="float64") -> np.ndarray:
+    """Tokens ``X (n, T, d)`` with iid N(0, 1) entries, of ``dtype`` 'float64' (default) or 'float32'.
+
+    float32 tokens are drawn as float32 normals (half the memory; a different stream from the
+    float64 draws, so not the float64 tokens rounded).  Sizes whose array would not fit in the
+    available memory (or whose element count overflows) raise
+    :class:`~amp_attention._validation.InsufficientMemoryError` (a ``ValueError``) naming ``n``
+    and ``d`` before anything is allocated."""
     n = _check_count(n)
     T = check_T(T)
     d = _check_dim(d)
     rng = check_rng(rng)
-    _check_token_memory(n, T, d, 8.0)
-    return rng.standard_normal((n, T, d))
+    dtype = _check_dtype(dtype)
+    _check_token_memory(n, T, d, float(dtype.itemsize))
+    return rng.standard_normal((n, T, d), dtype=dtype)
 
 
 def _check_count(n) -> int:
@@ -413,10 +422,13 @@ def _check_token_memory(n: int, T: int, d: int, per_entry: float) -> None:
                  "use a smaller n or d")
 
 
-def sample_data(n: int, T: int, teacher: Teacher, channel, rng=None) -> Dataset:
+def sample_data(n: int, T: int, teacher: Teacher, channel, rng=None, dtype="float64") -> Dataset:
     """Sample ``n`` sequences of ``T`` tokens and their targets ``y = channel(h(S*; X))``.
 
     The tokens are drawn first, then the channel noise, from the same generator ``rng``.
+    ``dtype='float32'`` draws float32 tokens (:func:`sample_tokens`; ``h`` then comes from float32
+    GEMMs, relative error ~1e-7) for the float32 path of GAMP; ``h`` and ``y`` are float64.  No
+    temporary of the tokens' size is made: memory is X plus ``O(n T^2)``.
     """
     if not isinstance(teacher, Teacher):
         raise ValueError(f"teacher must be an amp_attention.Teacher, got {type(teacher).__name__}")
@@ -426,9 +438,10 @@ def sample_data(n: int, T: int, teacher: Teacher, channel, rng=None) -> Dataset:
     rng = check_rng(rng)
     if T == 1 and isinstance(channel, (SoftmaxChannel, HardmaxChannel)):
         raise ValueError(f"{type(channel).__name__} needs T >= 2 tokens: with T = 1 every target is y = 1")
+    dtype = _check_dtype(dtype)
     # X (n, T, d) plus y, h and the channel's temporaries (n, T, T) each
-    _check_token_memory(n, T, teacher.d, 8.0 + 40.0 * T / teacher.d)
-    X = sample_tokens(n, T, teacher.d, rng)
+    _check_token_memory(n, T, teacher.d, dtype.itemsize + 40.0 * T / teacher.d)
+    X = sample_tokens(n, T, teacher.d, rng, dtype)
     h = preactivations(X, teacher.S)
     y = channel(h, rng)
     return Dataset(X=X, y=y, h=h)

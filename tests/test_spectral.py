@@ -707,3 +707,17 @@ def test_shat_spectrum_matches_sampled(f):
     emp = atom + np.arange(1, pos.size + 1) / d
     assert np.max(np.abs(F - emp)) < 0.02
     assert np.dot(y, np.gradient(y) * dens) == pytest.approx(np.mean(eigs), abs=0.02)
+
+
+def test_shat_spectrum_of_a_rie_map_at_tiny_delta_keeps_the_zero_atom():
+    """At (near) perfect recovery the RIE map is the identity off the zero atom and flat on it up
+    to rounding (|f'| ~ 1e-11 of either sign): the pushforward must be Wishart's own spectrum, zero
+    atom mass 1 - rho, not a 'decreasing f' error (the Bayes SE's A_hat = 1 / (2 Delta))."""
+    import amp_attention as aa
+    from amp_attention.spectral import shat_spectrum
+
+    rho, Delta = 0.5, 1.7e-12
+    law = aa.SpectralLaw.wishart(rho)
+    pf = shat_spectrum(law, 1.0, Delta, aa.RIEDenoiser(law).scalar_map(1.0 / (2 * Delta)))
+    assert abs(pf.atom_mass - (1 - rho)) < 1e-3
+    assert abs(np.trapezoid(pf.density, pf.y) - rho) < 1e-2
