@@ -150,13 +150,22 @@ def gamp(
         raise ValueError(f"variance must be 'sample' or 'scalar', got {variance!r}")
     # NaN by design: m, mse without S_star; the objective of an output factor without one (Bayes)
     nan_ok = (("m", "mse") if S_star is None else ()) + (
-        ("objective", "train_objective", "train_loss") if np.isnan(loss.value_z(y[:1], np.zeros((1, K)))[0]) else ())
+        ("objective", "train_objective", "train_loss") if _objective_is_nan(loss, y, K) else ())
     loop = Loop(HISTORY_KEYS, max_iter=max_iter, tol=tol, damping=damping, callback=callback, nan_ok=nan_ok)
     if op.dtype == np.float32 and 0 < loop.tol < FLOAT32_TOL:
         loop.tol = FLOAT32_TOL  # float32 GEMMs: the relative step stalls near 1e-7
 
     with single_threaded_blas():  # the GEMMs run inside Numba threads (amp_attention.threads)
         return _gamp_loop(op, gram, y, loss, denoiser, loop, V0, S_star)
+
+
+def _objective_is_nan(loss, y, K) -> bool:
+    """Whether the output factor has no objective (a Bayes output's ``value_z`` is NaN by design).
+    A loss that overflows on these targets does have one (the loop then flags the overflow)."""
+    try:
+        return bool(np.isnan(loss.value_z(y[:1], np.zeros((1, K)))[0]))
+    except (ValueError, ArithmeticError):
+        return False
 
 
 def _gamp_loop(op, gram, y, loss, denoiser, loop, V0, S_star):
@@ -207,7 +216,7 @@ def _gamp_loop(op, gram, y, loss, denoiser, loop, V0, S_star):
             obj_loss = float(np.sum(loss.value_z(y, z)))
             objective = obj_loss + denoiser.penalty(S)
         except (ValueError, ArithmeticError) as exc:
-            loop.diverge(f"iteration {t}: the objective is not finite: {exc}")
+            loop.diverge(f"iteration {t}: non-finite objective: {exc}")
             break
         if S_star is not None:
             m_t, mse_t = float(np.sum(S * S_star)) / d, float(np.sum((S - S_star) ** 2)) / d

@@ -514,7 +514,7 @@ def test_erm_attention_overflow_is_flagged_not_linalg_error():
 
 def test_erm_attention_inf_history_is_flagged():
     est = aa.ERMAttention(loss="square", lam=0.01, damping=0.5, max_iter=10).fit(DATA_LINEAR.X, DATA_LINEAR.y * 1e300)
-    assert est.diverged_ and not est.converged_ and "non-finite" in est.message_ and "q" in est.message_
+    assert est.diverged_ and not est.converged_ and "non-finite" in est.message_  # q or the objective
     assert all(np.all(np.isfinite(v)) for k, v in est.history_.items() if k not in ("m", "mse"))
 
 
