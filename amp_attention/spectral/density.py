@@ -22,7 +22,7 @@ from .._validation import as_float_array, check_nonnegative, check_positive
 from .backends import AtomsBackend, CubicBackend, SemicircleBackend
 from .laws import SpectralLaw, check_law
 from .quadrature import QuadratureGrid, piece_nodes
-from .scalar_maps import apply_denoiser, check_denoiser, denoiser_derivative
+from .scalar_maps import apply_denoiser, check_denoiser, check_kinks, denoiser_derivative
 
 __all__ = ["RDensity", "r_density", "rie_denoiser", "rie_mmse", "Pushforward", "shat_spectrum"]
 
@@ -49,17 +49,6 @@ def _out_of_range(a, Delta, law):
             f"Delta = {Delta!r} and a = {a!r} are out of the range where the density of "
             f"R = a S* + sqrt(Delta) W can be computed in float64 for {law!r} "
             f"(Delta / (a max|lambda|)^2 = {ratio:.3g}; {type(exc).__name__}: {exc})") from None
-
-
-def _check_kinks(kinks) -> tuple:
-    """Quadrature breakpoints: a sequence of finite real numbers, as a tuple of floats."""
-    try:
-        arr = np.atleast_1d(np.asarray(kinks, dtype=np.float64)).ravel()
-    except (TypeError, ValueError):
-        raise ValueError(f"kinks must be a sequence of finite real numbers, got {kinks!r}") from None
-    if not np.all(np.isfinite(arr)):
-        raise ValueError(f"kinks must be finite, got {kinks!r}")
-    return tuple(float(k) for k in arr)
 
 
 class _ScaledBackend:
@@ -180,7 +169,7 @@ class RDensity:
 
     def grid(self, kinks: Sequence[float] = ()) -> QuadratureGrid:
         """Quadrature grid against ``rho_R``, with extra breakpoints at the x-points ``kinks``."""
-        kinks = _check_kinks(kinks)
+        kinks = check_kinks(kinks)
         if len(kinks) == 0 and self._grid is not None:
             return self._grid
         with _out_of_range(self.a, self.Delta, self.law):

@@ -17,7 +17,8 @@ import numpy as np
 
 from .._validation import check_real
 
-__all__ = ["SoftThreshold", "LinearShrinkage", "check_denoiser", "apply_denoiser", "denoiser_derivative"]
+__all__ = ["SoftThreshold", "LinearShrinkage", "check_denoiser", "check_kinks", "apply_denoiser",
+           "denoiser_derivative"]
 
 
 class SoftThreshold:
@@ -63,14 +64,18 @@ def check_denoiser(f, name: str = "f"):
     """Validate the scalar map ``f`` (callable, optional finite real ``kinks``); return its kinks."""
     if not callable(f):
         raise ValueError(f"{name} must be a callable scalar denoiser, got {type(f).__name__}")
-    kinks = getattr(f, "kinks", ())
+    return check_kinks(getattr(f, "kinks", ()), f"{name}.kinks")
+
+
+def check_kinks(kinks, name: str = "kinks") -> tuple:
+    """Quadrature breakpoints: a sequence of finite real numbers, as a tuple of floats."""
     try:
-        kinks = np.atleast_1d(np.asarray(kinks, dtype=np.float64)).ravel()
+        arr = np.atleast_1d(np.asarray(kinks, dtype=np.float64)).ravel()
     except (TypeError, ValueError):
-        raise ValueError(f"{name}.kinks must be a sequence of finite real numbers, got {kinks!r}") from None
-    if not np.all(np.isfinite(kinks)):
-        raise ValueError(f"{name}.kinks must be finite, got {kinks!r}")
-    return tuple(float(k) for k in kinks)
+        raise ValueError(f"{name} must be a sequence of finite real numbers, got {kinks!r}") from None
+    if not np.all(np.isfinite(arr)):
+        raise ValueError(f"{name} must be finite, got {kinks!r}")
+    return tuple(float(k) for k in arr)
 
 
 def _values(out, x: np.ndarray, what: str) -> np.ndarray:
