@@ -57,6 +57,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import os
 import warnings
 
 import numpy as np
@@ -68,6 +69,23 @@ __all__ = ["Loop", "ConvergenceWarning", "check_max_iter", "check_damping", "che
 
 THETA_MIN = 1.0 / 64.0
 RESTART_AFTER = 25  # iterations at THETA_MIN before an undamped restart
+
+
+def _user_stacklevel() -> int:
+    """``stacklevel`` for :func:`warnings.warn` called from a function of this module that points at
+    the first frame outside this package and outside NumPy's ``errstate`` / contextlib wrappers."""
+    import inspect
+
+    package = os.path.dirname(os.path.abspath(__file__))
+    level = 1
+    frame = inspect.currentframe().f_back  # the function calling warnings.warn
+    while frame is not None:
+        name = os.path.abspath(frame.f_code.co_filename)
+        if not (name.startswith(package) or name.endswith(("_ufunc_config.py", "contextlib.py"))):
+            return level
+        frame = frame.f_back
+        level += 1
+    return 2
 
 
 def check_max_iter(max_iter, name: str = "max_iter") -> int:
@@ -260,12 +278,13 @@ class Loop:
     def outcome(self, what: str = "the loop") -> dict:
         """``n_iter, converged, diverged, message, history`` (history as float arrays).
 
-        Warns (:class:`ConvergenceWarning`) when ``tol > 0`` and the loop ran out of iterations.
+        Warns (:class:`ConvergenceWarning`) when ``tol > 0`` and the loop ran out of iterations,
+        attributed to the first caller outside this package (the user's line).
         """
         if (self.tol > 0 and not (self.converged or self.diverged or self._by_callback)
                 and self.n_iter >= self.max_iter):
             warnings.warn(f"{what} did not converge: {self.message} (tol={self.tol:g}); increase max_iter "
-                          "or loosen tol", ConvergenceWarning, stacklevel=3)
+                          "or loosen tol", ConvergenceWarning, stacklevel=_user_stacklevel())
         history = {k: np.asarray(v, dtype=float) for k, v in self.history.items()}
         return {"n_iter": self.n_iter, "converged": self.converged, "diverged": self.diverged,
                 "message": self.message, "history": history}
