@@ -285,8 +285,9 @@ def check_gamp_fixed_point_is_erm_stationary_and_no_worse(d, T, reg, noise, alph
     return rel_kkt, (obj - ref.objective) / abs(ref.objective), damping
 
 
-@pytest.mark.parametrize("T, reg, noise", [(2, "nuclear", 0.25), (2, "frobenius", 0.0),
-                                           (3, "nuclear", 0.0), (3, "frobenius", 0.25)])
+@pytest.mark.parametrize("T, reg, noise", [(2, "nuclear", 0.25), (3, "frobenius", 0.25),
+                                           pytest.param(2, "frobenius", 0.0, marks=pytest.mark.slow),
+                                           pytest.param(3, "nuclear", 0.0, marks=pytest.mark.slow)])
 def test_gamp_fixed_point_is_the_erm_minimiser_softmax_square(T, reg, noise):
     check_gamp_fixed_point_is_erm_stationary_and_no_worse(30, T, reg, noise, alpha=0.3)
 

@@ -481,7 +481,8 @@ def t2_cases(rng, beta, n):
     return out
 
 
-@pytest.mark.parametrize("beta", [1.0, 5.0, 20.0])
+@pytest.mark.parametrize("beta", [5.0, pytest.param(1.0, marks=pytest.mark.slow),
+                                  pytest.param(20.0, marks=pytest.mark.slow)])
 def test_prox_is_the_global_minimiser_T2_grid(beta):
     rng = np.random.default_rng(int(100 * beta))
     for y, omega, V in t2_cases(rng, beta, 8):
