@@ -488,7 +488,10 @@ def backproject_gemm_blocked(G, X, block, chunks):
                         for b in range(T):
                             s += G[lo + j, a, b] * Xb[j * T + b, i]
                         B[j * T + a, i] = s
-            parts[c] += np.dot(Xb.T, B)
+            P = np.dot(Xb.T, B)
+            for i in range(d):
+                for j in range(d):
+                    parts[c, i, j] += P[i, j]
     M = parts[0].copy()
     for c in range(1, nc):
         M += parts[c]

@@ -19,6 +19,7 @@ import warnings
 import numpy as np
 
 from amp_attention import _cli_options as opt
+from amp_attention._warmup import warm_up
 from amp_attention.sweep import progress_bar
 
 
@@ -137,28 +138,6 @@ def _optional(r, name):
     return None if v is None else _finite_or_none(v)
 
 
-def _warm_up(est, T, channel) -> float:
-    """Run a copy of ``est`` for two iterations on a tiny problem with the same T, loss, regulariser
-    and channel, and both adjoint paths of the operator, so that Numba compiles (or loads from its
-    cache) every kernel the real run uses before it is timed.  Returns the seconds spent."""
-    import time
-    import warnings
-
-    import amp_attention as aa
-    from sklearn.base import clone
-
-    t0 = time.perf_counter()
-    rng = np.random.default_rng(0)
-    tiny = aa.sample_data(32, T, aa.Teacher.wishart(6, 0.5, rng), channel, rng)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        clone(est).set_params(max_iter=2, tol=0.0).fit(tiny.X, tiny.y)
-    op = aa.SensingOperator(tiny.X)
-    for method in ("syrk", "gemm"):
-        op.backproject(tiny.y, method=method)
-    return time.perf_counter() - t0
-
-
 def cmd_run(args) -> dict:
     import amp_attention as aa
 
@@ -193,7 +172,7 @@ def cmd_run(args) -> dict:
                     f"damping {h['damping'][-1]:.3g}  {h['time'][-1]:.3f} s")
         return False
 
-    t_compile = _warm_up(est, T, channel)
+    t_compile = warm_up(est, T, d, channel)
     if not args.json:
         _eprint(f"  kernels compiled or loaded from Numba's cache in {t_compile:.1f} s (not in the s/iter below)")
     try:

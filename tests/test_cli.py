@@ -171,3 +171,16 @@ def test_console_script_installed():
     out = subprocess.run([exe, "se", "--alpha", "0.2", "--loss", "square", "--channel", "linear",
                           "--json"], capture_output=True, text=True, check=True).stdout
     assert np.isfinite(json.loads(out)["mse"][0])
+
+
+def test_warm_up_compiles_in_a_second_process_only_for_heavy_losses():
+    """The CLI's warm-up: no second process for the square loss or a Bayes estimator; the child's
+    work (the prox on tiny inputs) runs; a warm-up returns the seconds it spent."""
+    import amp_attention as aa
+    from amp_attention import _warmup
+
+    assert _warmup._start_output_side(aa.ERMAttention(loss="square"), 2) is None
+    assert _warmup._start_output_side(aa.BayesAttention(aa.SoftmaxChannel(1.0), aa.SpectralLaw.wishart(0.5)), 2) is None
+    _warmup._compile_output_side("cross_entropy", 1.0, 2)
+    t = _warmup.warm_up(aa.ERMAttention(loss="square", reg="frobenius"), 2, 10, aa.LinearChannel(0.1))
+    assert t > 0
