@@ -5,14 +5,17 @@ scalar ``v`` in the SE), the prior of ``z`` is ``N(omega, V)`` and::
 
     g  = V^{-1} (E[z | y, omega, V] - omega),      dg = -dg/domega = V^{-1} - V^{-1} Cov[z | y] V^{-1}.
 
-* Noiseless softmax (:class:`BayesSoftmaxOutput`, any ``beta > 0``, ``T >= 2``): ``y`` fixes
-  ``h*`` up to the global shift ``h* + c 11^T``, i.e. ``B z*`` with ``B (K-1, K)`` an orthonormal
-  basis of the complement of the flat direction ``u ~ (1/c_k)_k``.  Conditioning ``N(omega, V)``
-  on ``B z = B z_y`` gives::
+* Softmax (:class:`BayesSoftmaxOutput`, any ``beta > 0``, ``T >= 2``, ``noise >= 0``): the
+  row softmax of the symmetric ``h~ = h* + sqrt(noise) xi`` fixes ``h~`` up to the global shift
+  ``h~ + c 11^T`` (the row offsets are pinned by symmetry), i.e. it observes
+  ``B z~ = B z* + sqrt(noise) B w`` with ``B (K-1, K)`` an orthonormal basis of the complement of
+  the flat direction ``u ~ (1/c_k)_k`` and ``w = whiten(xi) ~ N(0, I_K)``, so ``B w ~ N(0, I_{K-1})``:
+  a linear Gaussian observation of ``K - 1`` components.  Conditioning ``N(omega, V)`` on it::
 
-      g  = B^T (B V B^T)^{-1} B (z_y - omega),        dg = B^T (B V B^T)^{-1} B
+      g  = B^T (B V B^T + noise I)^{-1} B (z_y - omega),        dg = B^T (B V B^T + noise I)^{-1} B
 
-  (``V = v I``: ``g = P (z_y - omega)/v``, ``dg = P/v``, ``P = B^T B = I - u u^T``).
+  (``V = v I``: ``g = P (z_y - omega)/(v + noise)``, ``dg = P/(v + noise)``, ``P = B^T B = I - u u^T``).
+  The posterior is Gaussian for every noise level; ``noise = 0`` is the noiseless channel.
 * Linear channel (:class:`BayesLinearOutput`): ``z_y = whiten(y) = z* + sqrt(noise) xi``::
 
       g  = (V + noise I)^{-1} (z_y - omega),          dg = (V + noise I)^{-1}.
@@ -20,7 +23,8 @@ scalar ``v`` in the SE), the prior of ``z`` is ``N(omega, V)`` and::
 * Hardmax: not implemented (the posterior is a truncated Gaussian; Monte Carlo would be needed).
 
 SE conjugates (closed form, Nishimori line ``m = q``, ``V = Q* - q``): with ``k_eff`` observed
-whitened components per sample (``K - 1`` softmax, ``K`` linear) of noise ``s2``,
+whitened components per sample (``K - 1`` softmax, ``K`` linear) of noise ``s2`` (the channel's
+``noise``),
 ``A_hat = m_hat = q_hat = alpha k_eff / (Q* - q + s2)``.
 """
 
@@ -106,10 +110,12 @@ class _BayesOutput(OutputFactor):
 
 
 class BayesSoftmaxOutput(_BayesOutput):
-    """Bayes output function of the noiseless softmax channel ``y_a = softmax(beta h*_a)``.
+    """Bayes output function of the softmax channel ``y_a = softmax(beta (h*_a + sqrt(noise) xi_a))``.
 
     docs/theory.md §6.  ``beta > 0`` only enters :meth:`z_target`; the posterior does not depend
-    on it.  ``T = 1`` is rejected (``y = 1`` carries no information).
+    on it.  ``noise >= 0`` (default 0: noiseless) is the whitened variance of the symmetric
+    noise ``xi`` of :class:`~amp_attention.model.SoftmaxChannel`.  ``T = 1`` is rejected (``y = 1``
+    carries no information).
 
     ``g_out(y, omega, V) -> (g, dg, info)``:
 
@@ -118,21 +124,24 @@ class BayesSoftmaxOutput(_BayesOutput):
     * ``omega`` (n, K);
     * ``V`` a positive scalar (``v I_K``, the SE), a ``(K, K)`` matrix or an ``(n, K, K)`` stack of
       symmetric positive definite matrices (GAMP's ``V^t Gamma_mu``);
-    * ``g = B^T (B V B^T)^{-1} B (z_y - omega)`` (n, K) and
-      ``dg = -dg/domega = B^T (B V B^T)^{-1} B`` (n, K, K), ``B`` (K-1, K) orthonormal rows spanning
-      the complement of ``u ~ (1/c_k)`` (:func:`amp_attention.whitening.flat_direction`); for
-      ``V = v I`` these are ``P (z_y - omega)/v`` and ``P/v``.  ``g . u = 0``, ``dg u = 0``.
+    * ``g = B^T (B V B^T + noise I)^{-1} B (z_y - omega)`` (n, K) and
+      ``dg = -dg/domega = B^T (B V B^T + noise I)^{-1} B`` (n, K, K), ``B`` (K-1, K) orthonormal rows
+      spanning the complement of ``u ~ (1/c_k)`` (:func:`amp_attention.whitening.flat_direction`);
+      for ``V = v I`` these are ``P (z_y - omega)/(v + noise)`` and ``P/(v + noise)``.
+      ``g . u = 0``, ``dg u = 0``.
     """
 
     name = "bayes_softmax"
     flat_invariant = True
     smooth_g_out = True  # affine in omega
 
-    def __init__(self, beta: float = 1.0):
+    def __init__(self, beta: float = 1.0, noise: float = 0.0):
         self.beta = check_positive(beta, "beta")
+        self.noise = check_nonnegative(noise, "noise")
 
     def __repr__(self):
-        return f"BayesSoftmaxOutput(beta={self.beta!r})"
+        extra = f", noise={self.noise!r}" if self.noise else ""
+        return f"BayesSoftmaxOutput(beta={self.beta!r}{extra})"
 
     @staticmethod
     def basis(T: int) -> np.ndarray:
@@ -145,11 +154,11 @@ class BayesSoftmaxOutput(_BayesOutput):
 
     def observed_components(self, T: int):
         self.check_T(T)
-        return n_pairs(T) - 1, 0.0
+        return n_pairs(T) - 1, self.noise
 
     def channel(self) -> SoftmaxChannel:
         """The model channel whose Bayes output this is."""
-        return SoftmaxChannel(self.beta)
+        return SoftmaxChannel(self.beta, noise=self.noise)
 
     def link(self, h):
         """Plug-in model output ``softmax(beta h)`` row-wise."""
@@ -166,7 +175,8 @@ class BayesSoftmaxOutput(_BayesOutput):
         return y
 
     def z_target(self, y) -> np.ndarray:
-        """A point ``z_y`` (n, K) with ``P z_y = P z*`` for ``y = softmax(beta h*)`` row-wise.
+        """A point ``z_y`` (n, K) with ``P z_y = P z~`` for ``y = softmax(beta h~)`` row-wise
+        (``h~ = h* + sqrt(noise) xi``; below, ``h*`` stands for ``h~``).
 
         ``L = log y`` gives ``L_ab = beta h*_ab - lse_a``.  The row offsets are recovered from the
         symmetry of ``h*`` by least squares, ``l_a = (1/T) sum_b (L_ba - L_ab)`` (exact:
@@ -194,7 +204,7 @@ class BayesSoftmaxOutput(_BayesOutput):
         B = _complement_basis(y.shape[1])
         r = zy - omega
         if _is_scalar(V):
-            v = _scalar_variance(V)
+            v = _scalar_variance(V) + self.noise
             P = B.T @ B
             with np.errstate(over="ignore", invalid="ignore"):
                 g = (r @ P) / v
@@ -202,7 +212,7 @@ class BayesSoftmaxOutput(_BayesOutput):
             dg[...] = P / v
         else:
             Vs, _ = prepare_variance(V, n, K)
-            M = np.einsum("ik,nkl,jl->nij", B, Vs, B)
+            M = np.einsum("ik,nkl,jl->nij", B, Vs, B) + self.noise * np.eye(K - 1)
             Minv = np.linalg.inv(M)
             Minv = 0.5 * (Minv + np.swapaxes(Minv, 1, 2))
             dg = np.einsum("ik,nij,jl->nkl", B, Minv, B)
@@ -272,19 +282,14 @@ class BayesLinearOutput(_BayesOutput):
 def bayes_output(channel):
     """Bayes output factor for a channel of :mod:`amp_attention.model` (``channel`` validated).
 
-    ``SoftmaxChannel(beta)`` -> :class:`BayesSoftmaxOutput(beta)`, ``LinearChannel(noise)`` ->
+    ``SoftmaxChannel(beta, noise)`` -> :class:`BayesSoftmaxOutput(beta, noise)`, ``LinearChannel(noise)`` ->
     :class:`BayesLinearOutput(noise)`; Bayes output objects are returned unchanged;
     ``HardmaxChannel`` raises ``NotImplementedError``.
     """
     if isinstance(channel, (BayesSoftmaxOutput, BayesLinearOutput)):
         return channel
     if isinstance(channel, SoftmaxChannel):
-        if channel.noise > 0:
-            raise NotImplementedError(
-                f"the Bayes-optimal output of the noisy softmax channel (noise={channel.noise}) is not "
-                "implemented: y no longer determines h* up to the flat direction, so the posterior of z* "
-                "is not Gaussian (docs/theory.md §6). Use SoftmaxChannel(beta) (noise 0) or LinearChannel.")
-        return BayesSoftmaxOutput(channel.beta)
+        return BayesSoftmaxOutput(channel.beta, channel.noise)
     if isinstance(channel, LinearChannel):
         return BayesLinearOutput(channel.noise)
     if isinstance(channel, HardmaxChannel):

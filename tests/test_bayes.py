@@ -428,3 +428,89 @@ def test_bayes_se_mse_below_erm_se_for_every_lam(reg):
                 erm = state_evolution(alpha, T, law, channel, loss, reg, lam, n_mc=20_000, max_iter=300,
                                       tol=1e-7, predictions=False)
                 assert bo.mse <= erm.mse + 1e-3, (channel, alpha, lam, bo.mse, erm.mse)
+
+
+# ------------------------------------------------------------------ noisy softmax (issue 10)
+
+
+@pytest.mark.parametrize("T", [2, 3, 5])
+def test_noisy_softmax_observes_the_noisy_preactivations_up_to_the_flat_direction(T):
+    """y = rowsoftmax(beta (h* + sqrt(noise) xi)) with xi symmetric determines h~ = h* + sqrt(noise) xi
+    up to a global shift: B z_target(y) = B whiten(h~) (the linear Gaussian observation of §6)."""
+    from amp_attention.bayes_outputs import BayesSoftmaxOutput
+    from amp_attention.model import row_softmax
+    from amp_attention.whitening import unwhiten, whiten
+
+    rng = np.random.default_rng(T)
+    n, K, beta, noise = 50, T * (T + 1) // 2, 1.7, 0.3
+    h_star = unwhiten(rng.standard_normal((n, K)), T)
+    xi = unwhiten(rng.standard_normal((n, K)), T)  # symmetric, whitened entries iid N(0, 1)
+    h_tilde = h_star + np.sqrt(noise) * xi
+    y = row_softmax(h_tilde, beta)
+    out = BayesSoftmaxOutput(beta, noise)
+    B = out.basis(T)
+    np.testing.assert_allclose(out.z_target(y) @ B.T, whiten(h_tilde) @ B.T, atol=1e-10)
+    # and the channel object draws exactly this kind of noise
+    assert out.channel() == aa.SoftmaxChannel(beta, noise=noise)
+
+
+@pytest.mark.parametrize("T", [2, 3, 4])
+@pytest.mark.parametrize("Vkind", ["scalar", "stack"])
+def test_noisy_softmax_g_out_equals_gaussian_conditioning(T, Vkind):
+    """g and dg against Gaussian conditioning written from the joint law of (z, o), o = B z + e,
+    e ~ N(0, noise I_{K-1}): E[z|o] and Cov[z|o] by the Schur complement of the joint covariance,
+    then g = V^{-1}(E[z|o] - omega), dg = V^{-1} - V^{-1} Cov V^{-1}."""
+    from amp_attention.bayes_outputs import BayesSoftmaxOutput
+    from amp_attention.model import row_softmax
+    from amp_attention.whitening import unwhiten
+
+    rng = np.random.default_rng(10 + T)
+    n, K, noise = 6, T * (T + 1) // 2, 0.4
+    out = BayesSoftmaxOutput(1.3, noise)
+    y = row_softmax(unwhiten(rng.standard_normal((n, K)), T), 1.3)
+    omega = rng.standard_normal((n, K))
+    if Vkind == "scalar":
+        V, Vs = 0.7, np.broadcast_to(0.7 * np.eye(K), (n, K, K))
+    else:
+        A = rng.standard_normal((n, K, K))
+        V = Vs = A @ np.swapaxes(A, 1, 2) + 0.5 * np.eye(K)
+    g, dg, _ = out.g_out(y, omega, V)
+    B = out.basis(T)
+    o = out.z_target(y) @ B.T
+    for mu in range(n):
+        Vm = Vs[mu]
+        C = np.block([[Vm, Vm @ B.T], [B @ Vm, B @ Vm @ B.T + noise * np.eye(K - 1)]])  # Cov(z, o)
+        mean = np.concatenate([omega[mu], B @ omega[mu]])
+        Czo, Coo = C[:K, K:], C[K:, K:]
+        post_mean = mean[:K] + Czo @ np.linalg.solve(Coo, o[mu] - mean[K:])
+        post_cov = Vm - Czo @ np.linalg.solve(Coo, Czo.T)
+        Vinv = np.linalg.inv(Vm)
+        np.testing.assert_allclose(g[mu], Vinv @ (post_mean - omega[mu]), rtol=1e-9, atol=1e-10)
+        np.testing.assert_allclose(dg[mu], Vinv - Vinv @ post_cov @ Vinv, rtol=1e-9, atol=1e-10)
+    # noise -> 0 is the noiseless output
+    g0, dg0, _ = BayesSoftmaxOutput(1.3).g_out(y, omega, V)
+    g1, dg1, _ = BayesSoftmaxOutput(1.3, 1e-14).g_out(y, omega, V)
+    np.testing.assert_allclose(g1, g0, rtol=1e-8, atol=1e-10)
+    np.testing.assert_allclose(dg1, dg0, rtol=1e-8, atol=1e-10)
+
+
+def test_bayes_amp_tracks_bayes_se_noisy_softmax(softmax_instance):
+    """The paper's noisy labels (noise 0.25, softmax beta = 1): BO-AMP tracks BO-SE at d = 200
+    with the §8.5 bounds, and the Bayes SE beats the ERM SE of cross-entropy + nuclear."""
+    d, teacher, rng = softmax_instance
+    T, n_it, alpha = 2, 12, 0.4
+    ch = aa.SoftmaxChannel(1.0, noise=0.25)
+    data = aa.sample_data(int(alpha * d * d), T, teacher, ch, rng)
+    law = SpectralLaw.atoms(teacher.eigenvalues)
+    se = bayes_state_evolution(alpha, T, law, ch, max_iter=n_it, tol=0)
+    est = BayesAttention(ch, law, max_iter=n_it, tol=0).fit(data.X, data.y, S_star=teacher.S)
+    assert est.n_iter_ == n_it and not est.diverged_
+    gap = np.abs(est.history_["mse"] - se.history["mse"])
+    assert np.all(gap <= 0.03), gap
+    assert gap[-1] <= 0.01
+    assert np.all(np.abs(est.history_["V"] - se.history["V"]) <= 0.03)
+    bo = bayes_state_evolution(alpha, T, law, ch)
+    noiseless = bayes_state_evolution(alpha, T, law, aa.SoftmaxChannel(1.0))
+    erm = aa.state_evolution(alpha, T, law, ch, "cross_entropy", "nuclear", 0.05, 1.0, n_mc=40_000,
+                             predictions=False)
+    assert noiseless.mse < bo.mse <= erm.mse + 1e-3

@@ -154,7 +154,6 @@ def test_bench_json(capsys):
     (["run", "--T", "1", "--d", "10"], "T >= 2"),
     (["se", "--alpha", "0.1,nope"], "comma-separated"),
     (["run", "--channel", "hardmax", "--estimator", "bayes", "--d", "10", "--iters", "1"], "hardmax"),
-    (["se", "--estimator", "bayes", "--noise", "0.1", "--alpha", "0.2"], "noisy softmax"),
     (["run", "--noise", "-0.1"], "expected a finite number >= 0"),
 ])
 def test_bad_input_exits_2_with_message(argv, msg, capsys):

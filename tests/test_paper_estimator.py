@@ -135,11 +135,12 @@ def test_noise_validation_and_repr():
     assert "noise=0.5" in repr(aa.HardmaxChannel(0.5))
 
 
-def test_bayes_output_of_noisy_channels_is_not_implemented():
+def test_bayes_output_of_noisy_channels():
+    """Noisy softmax: a Gaussian posterior (tests/test_bayes.py); hardmax: not implemented."""
     from amp_attention.bayes_outputs import bayes_output
 
-    with pytest.raises(NotImplementedError, match="noisy softmax"):
-        bayes_output(aa.SoftmaxChannel(1.0, 0.1))
+    out = bayes_output(aa.SoftmaxChannel(1.0, 0.1))
+    assert out.noise == 0.1 and out.observed_components(3) == (5, 0.1)
     with pytest.raises(NotImplementedError):
         bayes_output(aa.HardmaxChannel(0.1))
     assert bayes_output(aa.SoftmaxChannel(1.0, 0.0)).beta == 1.0
