@@ -40,14 +40,10 @@ def naive_bytes(n: int, T: int, d: int) -> int:
 
 
 def available_bytes() -> int | None:
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
+    """Memory available to this process (``amp_attention._validation.available_memory``)."""
+    from amp_attention._validation import available_memory
+
+    return available_memory()
 
 
 def fits(n: int, T: int, d: int, cap_bytes: int = DEFAULT_CAP_BYTES) -> bool:

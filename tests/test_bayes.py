@@ -317,11 +317,9 @@ def softmax_instance():
     return d, teacher, rng
 
 
-@pytest.mark.parametrize("alpha", [0.3, 0.5])
-def test_bayes_amp_tracks_bayes_se_softmax(softmax_instance, alpha):
-    d, teacher, rng = softmax_instance
-    T, n_it = 2, 12
-    ch = aa.SoftmaxChannel(1.0)
+def check_bo_amp_tracks_bo_se(instance, ch, alpha, T=2, n_it=12):
+    """BO-AMP on sampled data against BO-SE from the same start, §8.5 bounds; returns the law."""
+    d, teacher, rng = instance
     data = aa.sample_data(int(alpha * d * d), T, teacher, ch, rng)
     law = SpectralLaw.atoms(teacher.eigenvalues)  # exact spectrum in both (Q* fluctuates ~7/d)
     se = bayes_state_evolution(alpha, T, law, ch, max_iter=n_it, tol=0)
@@ -333,6 +331,12 @@ def test_bayes_amp_tracks_bayes_se_softmax(softmax_instance, alpha):
     # the Bayes variance is the mse (Nishimori) in AMP as in the SE
     assert np.all(np.abs(est.history_["V"] - se.history["V"]) <= 0.03)
     assert np.all(np.isnan(est.history_["objective"]))
+    return law
+
+
+@pytest.mark.parametrize("alpha", [0.3, 0.5])
+def test_bayes_amp_tracks_bayes_se_softmax(softmax_instance, alpha):
+    check_bo_amp_tracks_bo_se(softmax_instance, aa.SoftmaxChannel(1.0), alpha)
 
 
 def test_bayes_amp_tracks_bayes_se_linear():
@@ -497,18 +501,9 @@ def test_noisy_softmax_g_out_equals_gaussian_conditioning(T, Vkind):
 def test_bayes_amp_tracks_bayes_se_noisy_softmax(softmax_instance):
     """The paper's noisy labels (noise 0.25, softmax beta = 1): BO-AMP tracks BO-SE at d = 200
     with the §8.5 bounds, and the Bayes SE beats the ERM SE of cross-entropy + nuclear."""
-    d, teacher, rng = softmax_instance
-    T, n_it, alpha = 2, 12, 0.4
+    T, alpha = 2, 0.4
     ch = aa.SoftmaxChannel(1.0, noise=0.25)
-    data = aa.sample_data(int(alpha * d * d), T, teacher, ch, rng)
-    law = SpectralLaw.atoms(teacher.eigenvalues)
-    se = bayes_state_evolution(alpha, T, law, ch, max_iter=n_it, tol=0)
-    est = BayesAttention(ch, law, max_iter=n_it, tol=0).fit(data.X, data.y, S_star=teacher.S)
-    assert est.n_iter_ == n_it and not est.diverged_
-    gap = np.abs(est.history_["mse"] - se.history["mse"])
-    assert np.all(gap <= 0.03), gap
-    assert gap[-1] <= 0.01
-    assert np.all(np.abs(est.history_["V"] - se.history["V"]) <= 0.03)
+    law = check_bo_amp_tracks_bo_se(softmax_instance, ch, alpha, T)
     bo = bayes_state_evolution(alpha, T, law, ch)
     noiseless = bayes_state_evolution(alpha, T, law, aa.SoftmaxChannel(1.0))
     erm = aa.state_evolution(alpha, T, law, ch, "cross_entropy", "nuclear", 0.05, 1.0, n_mc=40_000,
