@@ -35,6 +35,9 @@ def single_threaded_blas():
     """Limit all loaded BLAS libraries to one thread inside the block (re-entrant, ~20 us).
 
     Nested uses cost nothing; the previous limits are restored when the outermost block exits.
+    BLAS limits are process-wide: when several Python threads run GAMP at once, the first to leave
+    restores the limits while the others still run (their results are unchanged; only their BLAS
+    calls may then oversubscribe the cores).
     """
     with _lock:
         outer = _state["depth"] == 0
