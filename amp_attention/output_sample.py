@@ -506,26 +506,24 @@ class OutputSample:
         diff = target - phi(unwhiten(v.omega(m, q), self.T))
         return v.rule, np.sum(diff * diff, axis=(1, 2))
 
-    def test_error(self, m, q, return_error: bool = False):
-        """``E ||phi(h*) - phi(h_hat)||_F^2`` with per-component covariance ``[[Q*, m], [m, q]]``
-        (``phi`` the channel's noiseless map; docs/theory.md §7.5).  ``return_error=True``: also
-        the rule's error estimate."""
+    def _test_error(self, m, q, noisy: bool, return_error: bool):
         m, q = _check_mq(m, q)
         with np.errstate(over="ignore", invalid="ignore"):
-            rule, vals = self._test_values(m, q, noisy=False)
+            rule, vals = self._test_values(m, q, noisy=noisy)
             est = float(rule.mean(vals))
         _check_estimate(est, m, q)
         return (est, float(rule.error(vals))) if return_error else est
 
+    def test_error(self, m, q, return_error: bool = False):
+        """``E ||phi(h*) - phi(h_hat)||_F^2`` with per-component covariance ``[[Q*, m], [m, q]]``
+        (``phi`` the channel's noiseless map; docs/theory.md §7.5).  ``return_error=True``: also
+        the rule's error estimate."""
+        return self._test_error(m, q, False, return_error)
+
     def test_error_noisy(self, m, q, return_error: bool = False):
         """``E ||y - phi(h_hat)||_F^2`` with ``y`` the (noisy) labels of the sample: the error against
         the observed targets of a new sample (equals :meth:`test_error` for a noiseless channel)."""
-        m, q = _check_mq(m, q)
-        with np.errstate(over="ignore", invalid="ignore"):
-            rule, vals = self._test_values(m, q, noisy=True)
-            est = float(rule.mean(vals))
-        _check_estimate(est, m, q)
-        return (est, float(rule.error(vals))) if return_error else est
+        return self._test_error(m, q, True, return_error)
 
     def __repr__(self):
         return (f"OutputSample(alpha={self.alpha!r}, T={self.T}, Q={self.Q!r}, channel={self.channel!r}, "

@@ -45,11 +45,11 @@ The twin uses ``dg^T = (I + H V)^{-1} H`` instead.
 from __future__ import annotations
 
 import numpy as np
-import numba
 from numba import njit, prange
 
 from ..whitening import n_pairs, pair_indices, pair_maps
 from ._linalg import chol_solve, cholesky_recip
+from .base import prox_buffers
 
 DEFAULT_TOL = 1e-11
 DEFAULT_MAX_NEWTON = 200
@@ -1164,18 +1164,13 @@ def run_ss_prox(y, omega, V, W, beta, p0=None, start=None, tol=DEFAULT_TOL,
         zextra = np.empty((0, n, K))
     else:
         zextra = _arr(np.asarray(p0, dtype=np.float64)[None])
-    p = np.empty((n, K))
-    g = np.empty((n, K))
-    dg = np.empty((n, K, K)) if jac_mode == 1 else np.empty((1, 1, 1))
-    dgtr = np.empty(n) if jac_mode in (2, 3) else np.empty(1)
-    iterations = np.empty(n, dtype=np.int64)
-    status = np.empty(n, dtype=np.int64)
+    b = prox_buffers(n, K, jac_mode)
+    p, g, dg, dgtr, iterations, status = b["p"], b["g"], b["dg"], b["dgtr"], b["iterations"], b["status"]
     start_used = np.empty(n, dtype=np.int64)
-    nchunk = int(min(n, 8 * numba.get_num_threads()))
     ss_prox(
         _arr(y), _arr(omega), zextra, start is None, _arr(V), _arr(W), float(beta), kidx, cc,
         u, Arow, Mls,
-        float(tol), int(max_newton), int(jac_mode), nchunk, p, g, dg, dgtr, iterations, status,
+        float(tol), int(max_newton), int(jac_mode), b["nchunk"], p, g, dg, dgtr, iterations, status,
         start_used,
     )
     jac = dg if jac_mode == 1 else (dgtr if jac_mode in (2, 3) else None)

@@ -41,7 +41,7 @@ from ..variance import GramVariance
 from ..whitening import n_pairs
 
 __all__ = ["Loss", "gram_g_out", "check_targets", "check_H", "check_z", "check_jacobian", "check_tol",
-           "check_max_newton", "check_finite_result"]
+           "check_max_newton", "check_finite_result", "prox_buffers"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -191,3 +191,21 @@ def gram_g_out(loss, y, omega, v: float, gram: GramVariance, p0=None):
         return loss.g_out_gram(y, omega, v, gram, p0)
     g, dg, info = loss.g_out(y, omega, gram.scaled(v), p0=p0)
     return g, gram.weighted_trace(dg), info
+
+
+def prox_buffers(n: int, K: int, jac_mode: int) -> dict:
+    """Output arrays of the compiled prox kernels (``ce_prox``, ``ss_prox``) for ``n`` samples of
+    ``K`` components: ``p, g (n, K)``, ``dg (n, K, K)`` (jac_mode 1, else a dummy ``(1, 1, 1)``),
+    ``dgtr (n,)`` (jac_mode 2 or 3, else a dummy ``(1,)``), ``iterations, status (n,)`` int64, and
+    ``nchunk`` the number of work chunks (8 per Numba thread, at most n)."""
+    import numba
+
+    return {
+        "p": np.empty((n, K)),
+        "g": np.empty((n, K)),
+        "dg": np.empty((n, K, K)) if jac_mode == 1 else np.empty((1, 1, 1)),
+        "dgtr": np.empty(n) if jac_mode in (2, 3) else np.empty(1),
+        "iterations": np.empty(n, dtype=np.int64),
+        "status": np.empty(n, dtype=np.int64),
+        "nchunk": int(min(n, 8 * numba.get_num_threads())),
+    }

@@ -30,7 +30,6 @@ trace for GAMP) is described in the kernel module.
 from __future__ import annotations
 
 
-import numba
 import numpy as np
 
 from .._validation import check_positive
@@ -54,7 +53,7 @@ from ._cross_entropy_kernels import (
 )
 from ..whitening import pair_maps
 from .base import (Loss, check_finite_result, check_H, check_jacobian, check_max_newton, check_targets, check_tol,
-                   check_z)
+                   check_z, prox_buffers)
 
 __all__ = ["CrossEntropyLoss", "cross_entropy_prox", "cross_entropy_g_out"]
 
@@ -81,16 +80,11 @@ def _ce_run(y, omega, V, beta, p0, tol, max_newton, jac_mode, vscale=1.0):
         diag = bool(np.all(Vs[:, ~np.eye(K, dtype=bool)] == 0.0))
     z0 = omega if p0 is None else check_z(p0, "p0", y)
     kidx, cc = pair_maps(y.shape[1])
-    p = np.empty((n, K))
-    g = np.empty((n, K))
-    dg = np.empty((n, K, K)) if jac_mode == 1 else np.empty((1, 1, 1))
-    dgtr = np.empty(n) if jac_mode in (2, 3) else np.empty(1)
-    iterations = np.empty(n, dtype=np.int64)
-    status = np.empty(n, dtype=np.int64)
-    nchunk = int(min(n, 8 * numba.get_num_threads()))
+    b = prox_buffers(n, K, jac_mode)
+    p, g, dg, dgtr, iterations, status = b["p"], b["g"], b["dg"], b["dgtr"], b["iterations"], b["status"]
     ce_prox(
         y, omega, z0, Vs, W, L, diag, float(vscale), float(beta), kidx, cc, float(tol),
-        int(max_newton), int(jac_mode), nchunk, p, g, dg, dgtr, iterations, status,
+        int(max_newton), int(jac_mode), b["nchunk"], p, g, dg, dgtr, iterations, status,
         (0,) * K, (0,) * y.shape[1],
     )
     converged = status <= CONVERGED_STEP
