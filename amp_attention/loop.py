@@ -23,20 +23,24 @@ A loop body computes the next state from the current one; the scaffold owns ever
 
 Adaptive damping (``damping='auto'``), in the manner of adaptive-damping GAMP: the loop runs
 undamped (``delta = 0``, step size ``theta = 1 - delta = 1``) while the iteration contracts, and
-watches the raw updates ``u_t = new_t - old_t`` (before mixing), through
-``cos = cos(u_t, u_{t-1})`` and ``ratio = |u_t| / |u_{t-1}|``.  When the updates reverse without
-shrinking (``cos < -0.2`` and ``ratio > 0.9``: the map overshoots, as in a period-2 cycle) or grow
-while turning (``ratio > 1.05`` and ``cos < 0.5``), the step size is halved (down to
-``theta_min = 1/64``); while they shrink without reversing, it grows back by 10% per iteration up
-to 1.  A contracting iteration therefore stays undamped even when its first updates overshoot, and
-growth along a steady direction (an iteration leaving a plateau) is left alone: damping cannot
-cure a monotone instability and would only slow the escape.  A step size stuck at ``theta_min``
-for 25 iterations (chatter across a discontinuity of the map, e.g. a non-convex prox switching
-branch) restarts undamped.  For a linearised map with eigenvalue ``lambda`` the damped factor is
-``1 + theta (lambda - 1)``: any ``lambda < 1`` contracts for a small enough ``theta``, so cycles
-(``lambda = -1``) and overshooting divergences (``lambda < -1``) are cured, and the fixed point is
-unchanged.  A loop can also ask for a smaller step after a failed evaluation
-(:meth:`Loop.backtrack`).
+watches the raw updates ``u_t = new_t - old_t`` (before mixing), each state component divided by
+its own scale ``max(|new|, |old|)`` (so a large scalar such as GAMP's ``V`` does not drown the
+matrix ``S``), through ``cos = cos(u_t, u_{t-1})`` and ``ratio = |u_t| / |u_{t-1}|``.  A step is
+*bad* when the updates reverse without shrinking (``cos < -0.2`` and ``ratio > 0.9``: the map
+overshoots, as in a period-2 cycle) or grow while turning (``ratio > 1.05`` and ``cos < 0.5``).
+The step size is halved (down to ``theta_min = 1/64``) when at least 3 of the last 6 steps were
+bad (then the window restarts), and grows back by 10% per iteration while at most one of them was
+(not the current one) and the update shrinks.  The vote over a window makes the rule insensitive to isolated jumps of
+the map (e.g. the rank of a nuclear-norm prox changing by one), which a step-by-step rule mistook
+for oscillation, driving the step size to its floor.  A contracting iteration therefore stays
+undamped even when its first updates overshoot, and growth along a steady direction (an iteration
+leaving a plateau) is left alone: damping cannot cure a monotone instability and would only slow
+the escape.  A step size stuck at ``theta_min`` for 25 iterations (chatter across a discontinuity
+of the map, e.g. a non-convex prox switching branch) restarts undamped.  For a linearised map with
+eigenvalue ``lambda`` the damped factor is ``1 + theta (lambda - 1)``: any ``lambda < 1`` contracts
+for a small enough ``theta``, so cycles (``lambda = -1``) and overshooting divergences
+(``lambda < -1``) are cured, and the fixed point is unchanged.  A loop can also ask for a smaller
+step after a failed evaluation (:meth:`Loop.backtrack`).
 
 Usage::
 
@@ -69,6 +73,8 @@ __all__ = ["Loop", "ConvergenceWarning", "check_max_iter", "check_damping", "che
 
 THETA_MIN = 1.0 / 64.0
 RESTART_AFTER = 25  # iterations at THETA_MIN before an undamped restart
+VOTE_WINDOW = 6     # the adaptive rule votes over the last VOTE_WINDOW steps ...
+VOTE_BAD = 3        # ... and halves the step size when at least VOTE_BAD of them were bad
 
 
 def _user_stacklevel() -> int:
@@ -122,8 +128,16 @@ def check_callback(callback, name: str = "callback"):
     return callback
 
 
-def _flat(state):
-    return np.concatenate([np.ravel(np.asarray(s, dtype=np.float64)) for s in state])
+def _relative_update(new, old):
+    """The raw update ``new - old`` of a state tuple, flattened, each component divided by its
+    scale ``max(|new|, |old|)`` (a component that is 0 in both contributes 0)."""
+    parts = []
+    for n, o in zip(new, old):
+        n = np.ravel(np.asarray(n, dtype=np.float64))
+        o = np.ravel(np.asarray(o, dtype=np.float64))
+        scale = max(float(np.linalg.norm(n)), float(np.linalg.norm(o)))
+        parts.append((n - o) / scale if scale > 0 else np.zeros_like(n))
+    return np.concatenate(parts)
 
 
 class Loop:
@@ -158,6 +172,7 @@ class Loop:
         self._by_callback = False
         self.theta = 1.0 if self.damping == "auto" else None  # adaptive step size
         self._prev_update = None
+        self._bad = []  # the adaptive rule's recent votes (True: a bad step)
         self._at_floor = 0
         self.last_damping = 0.0
 
@@ -187,9 +202,12 @@ class Loop:
         cos, ratio = float(np.dot(update, prev)) / (nu * npv), nu / npv
         oscillating = cos < -0.2 and ratio > 0.9   # updates reverse without shrinking (a cycle)
         growing = ratio > 1.05 and cos < 0.5       # updates grow while turning
-        if oscillating or growing:
+        bad = oscillating or growing
+        self._bad = (self._bad + [bad])[-VOTE_WINDOW:]
+        if len(self._bad) == VOTE_WINDOW and sum(self._bad) >= VOTE_BAD:
             self.theta = max(THETA_MIN, 0.5 * self.theta)
-        elif ratio < 1.0 and cos > -0.2:
+            self._bad = []
+        elif not bad and sum(self._bad) <= 1 and ratio < 1.0:
             self.theta = min(1.0, 1.1 * self.theta)
         # a step size stuck at its floor (chatter across a discontinuity of the map, where no
         # damping helps) restarts undamped
@@ -206,7 +224,7 @@ class Loop:
         new, old = tuple(new), tuple(old)
         if self.damping == "auto":
             with np.errstate(all="ignore"):
-                self._adapt(_flat(new) - _flat(old))
+                self._adapt(_relative_update(new, old))
         d = self.current_damping()
         self.last_damping = d
         if d == 0.0:
@@ -224,6 +242,7 @@ class Loop:
             return False
         self.theta = max(THETA_MIN, 0.25 * self.theta)
         self._prev_update = None
+        self._bad = []
         return True
 
     def diverge(self, message: str) -> None:

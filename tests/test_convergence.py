@@ -108,3 +108,37 @@ def test_se_failure_inside_the_loop_is_reported_not_raised():
         assert out["diverged"] and "FloatingPointError" in out["message"]
         # the returned state is the last recorded one, finite
         assert all(np.isfinite(state)) and state[1] == out["history"]["q"][-1]
+
+
+def test_gamp_is_not_converged_while_its_variance_drifts():
+    """The stop rule watches V as well as S (docs/theory.md §5): an input factor whose divergence
+    keeps growing moves V by 5% per iteration while S settles at the minimiser (square loss +
+    Frobenius: the fixed point in S does not depend on V).  With S's step alone the loop declared
+    convergence; it must not, and the unperturbed factor must still converge."""
+    from amp_attention.denoisers import make_denoiser
+
+    base = make_denoiser("frobenius", 0.1)
+
+    class DriftingDivergence(type(base)):
+        calls = 0
+
+        def factored(self, R, A_hat):
+            S, div, F = super().factored(R, A_hat)
+            DriftingDivergence.calls += 1
+            return S, div * 1.05 ** DriftingDivergence.calls, F
+
+    d = 30
+    rng = np.random.default_rng(5)
+    teacher = aa.Teacher.wishart(d, 0.5, rng)
+    data = aa.sample_data(int(0.5 * d * d), 2, teacher, aa.LinearChannel(0.1), rng)
+    loss = aa.make_loss("square")
+    ok = aa.gamp(data.X, data.y, loss, base, damping=0.0, max_iter=300, tol=1e-8)
+    assert ok.converged
+    drifting = DriftingDivergence(0.1)
+    with pytest.warns(ConvergenceWarning):
+        res = aa.gamp(data.X, data.y, loss, drifting, damping=0.0, max_iter=300, tol=1e-8)
+    assert not res.converged
+    S_step = res.history["step"]
+    assert S_step[-1] < 1e-8  # S did settle: the old rule would have stopped here
+    V = res.history["V"]
+    assert abs(V[-1] / V[-2] - 1.05) < 1e-3

@@ -60,3 +60,39 @@ def test_arguments_are_validated_by_name(kw, name):
     args = {"max_iter": 5, "tol": 1e-8} | kw
     with pytest.raises(ValueError, match=name):
         Loop(["x"], **args)
+
+
+def _feed(updates, scale=1.0):
+    """Drive an 'auto' loop with prescribed raw updates of a 1-component state; return the
+    step sizes theta after each update."""
+    loop = Loop(["x"], max_iter=len(updates) + 1, tol=0, damping="auto")
+    thetas = []
+    for t, u in zip(loop, updates):
+        loop.update((np.array([scale + u]),), (np.array([scale]),))
+        thetas.append(loop.theta)
+    return thetas
+
+
+def test_adaptive_rule_ignores_an_isolated_jump_and_halves_on_a_persistent_cycle():
+    # a contracting sequence with one isolated reversal (a rank change of a nuclear prox, say):
+    # the window vote keeps theta at 1 (the step-by-step rule halved it at once)
+    updates = [0.5 ** k for k in range(5)] + [-0.07] + [0.02 * 0.5 ** k for k in range(8)]
+    assert min(_feed(updates)) == 1.0
+    # a period-2 cycle: every step is bad; theta halves after a full window of 6 votes, and again
+    # after the next full window
+    thetas = _feed([(-1.0) ** k for k in range(14)], scale=100.0)
+    assert thetas[5] == 1.0 and thetas[6] == 0.5  # votes start at the 2nd update; 6 bad -> halve
+    assert thetas[12] == 0.25
+
+
+def test_adaptive_rule_scales_each_component_separately():
+    # the raw update of a large scalar component (GAMP's V ~ 1e3) must not drown the other one:
+    # a cycle in the first component is detected although V moves more in absolute terms
+    loop = Loop(["x"], max_iter=20, tol=0, damping="auto")
+    thetas = []
+    for t in loop:
+        x_old, x_new = np.full(4, 1.0), np.full(4, 1.0 + 0.1 * (-1.0) ** t)   # a 2-cycle, 10%
+        v_old, v_new = 1000.0, 1000.0 + 1.0 + 0.01 * t                        # steady drift, 0.1%
+        loop.update((x_new, v_new), (x_old, v_old))
+        thetas.append(loop.theta)
+    assert thetas[-1] < 1.0
