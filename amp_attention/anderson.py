@@ -24,14 +24,21 @@ the accelerated iteration has a vanishing residual, ``G(x) = x``.  Acceleration 
 path (and, where ``G`` has several fixed points, possibly which one a given start reaches, as any
 change of step does), never the equations that define a fixed point.
 
-Safeguards.  Each one gives the plain damped step (:meth:`Anderson.propose` returns ``None``) or,
-for the first, undoes the accelerated step:
+Safeguards.  A new residual ``||W f||`` (``W`` of the new iterate) is compared with the previous
+iterate's, measured both in the same weights and relative to its own scale, the smaller of the two
+(in the SE near the interpolation peak, either alone let accelerated steps pass that only moved
+the iterate back along the plain path).  Each safeguard gives the plain damped step
+(:meth:`Anderson.propose` returns ``None``) or, for the first, undoes the accelerated step:
 
-* a residual that grows after an accelerated step (``||W f_{k+1}|| > growth ||W f_k||``, or not
-  finite): the accelerated iterate ``x_{k+1}`` is dropped and the plain step from ``x_k`` is
-  proposed instead (``retreated`` is set), with the memory cleared but for ``x_k``;
-* a residual that grows after a plain step clears the memory (the map is not in a regime where
-  the secant information helps); a non-finite one clears it too;
+* an accelerated iterate whose residual is not below that of the iterate it was computed from (or
+  is not finite) is dropped, and the plain step from that iterate is proposed instead
+  (``retreated`` is set), the memory cleared but for it; after ``j`` such retreats in a row the
+  next ``2^(j-1)`` steps (at most ``MAX_WAIT``) are plain;
+* acceleration is tried only where the plain iteration contracts: after a plain step that did not
+  increase the residual.  Where the plain iteration climbs over a hump of the residual, minimising
+  the residual would walk back along its path;
+* a residual that grows by more than ``growth`` across a plain step clears the memory (the secant
+  information is stale); a non-finite one clears it too;
 * an ill-conditioned least squares (smallest over largest singular value of ``W dF`` not above
   ``rcond``) drops the oldest differences until it is well conditioned; none left: plain step.  A
   state of dimension ``n`` never uses more than ``n`` differences;
@@ -47,7 +54,17 @@ import numbers
 
 import numpy as np
 
-__all__ = ["Anderson"]
+__all__ = ["Anderson", "MAX_WAIT"]
+
+MAX_WAIT = 16  # the longest run of plain steps imposed after repeated retreats
+
+
+def _previous(w, xs, fs):
+    """The previous iterate's residual, the smaller of ``||W f_prev||`` (``W`` of the new iterate)
+    and its own relative ``||W_prev f_prev||``; NaN without a previous iterate."""
+    if not xs:
+        return math.nan
+    return float(min(np.linalg.norm(w * fs[-1]), np.linalg.norm(fs[-1] / np.maximum(1.0, np.abs(xs[-1])))))
 
 
 class Anderson:
@@ -58,7 +75,7 @@ class Anderson:
     memory : number of differences kept (integer >= 1; default 5, capped in effect by the dimension).
     rcond : drop the oldest differences while ``s_min / s_max`` of the scaled ``dF`` is not above
         this (``0 < rcond < 1``).
-    growth : the factor of residual growth that rejects an accelerated step (``> 1``).
+    growth : the factor of residual growth across a plain step that clears the memory (``> 1``).
 
     Usage, with ``theta`` the current step size of the plain iteration::
 
@@ -83,11 +100,13 @@ class Anderson:
         self.reset()
 
     def reset(self) -> None:
-        """Forget every pair (the next step is plain)."""
+        """Forget every pair and every failure (the next step is plain)."""
         self._x: list[np.ndarray] = []  # the last iterates x_j (at most memory + 1) ...
         self._f: list[np.ndarray] = []  # ... and their residuals f_j = G(x_j) - x_j
-        self._norm = math.nan           # scaled norm of the newest residual
         self._accelerated = False       # whether the newest iterate came from an accelerated step
+        self._contracting = True        # whether the last plain step did not increase the residual
+        self._failures = 0              # retreats in a row
+        self._wait = 0                  # plain steps still to take after a retreat
 
     def propose(self, x, gx, theta=1.0, accept=None):
         """Record the pair ``(x, G(x))`` and propose the next iterate.
@@ -95,8 +114,8 @@ class Anderson:
         Returns ``(candidate, used)``: the accelerated iterate (a float64 array) and the number of
         differences it used; ``(None, 0)`` when the caller should take its plain damped step
         ``x + theta (G(x) - x)`` (too little memory, or a safeguard of the module docstring); or,
-        when ``x`` came from an accelerated step that made the residual grow, the plain step from
-        the iterate before it and ``0`` (``self.retreated`` is then True).
+        when ``x`` came from an accelerated step that did not lower the residual, the plain step
+        from the iterate before it and ``0`` (``self.retreated`` is then True).
         ``accept(candidate) -> bool`` (optional) rejects candidates outside the map's domain.
         """
         x = np.array(x, dtype=np.float64).ravel()
@@ -106,22 +125,32 @@ class Anderson:
         with np.errstate(all="ignore"):
             w = 1.0 / np.maximum(1.0, np.abs(x))
             norm = float(np.linalg.norm(w * f))
+            before = _previous(w, self._x, self._f)
         finite = bool(np.all(np.isfinite(x))) and math.isfinite(norm)
         self.retreated = False
-        if not finite or norm > self.growth * self._norm:  # (False while the memory is empty: nan)
-            if self._accelerated:  # the accelerated step that led here made things worse: undo it
-                del self._x[:-1], self._f[:-1]
-                self._accelerated, self.retreated = False, True
-                return self._x[0] + theta * self._f[0], 0
+        if self._accelerated and not (finite and norm < before):
+            del self._x[:-1], self._f[:-1]   # the accelerated step did not help: undo it
+            self._accelerated, self.retreated = False, True  # (the step it proposes is plain)
+            self._failures += 1
+            self._wait = min(2 ** (self._failures - 1), MAX_WAIT)
+            return self._x[0] + theta * self._f[0], 0
+        if not finite:
             self.reset()
-            if not finite:
-                return None, 0
+            return None, 0
+        if self._accelerated:
+            self._failures = 0
+        else:
+            self._contracting = not norm > before
+            if norm > self.growth * before:  # growth across a plain step: the memory is stale
+                self._x, self._f = [], []
         self._x.append(x)
         self._f.append(f)
-        self._norm = norm
         self._accelerated = False
         del self._x[:-(self.memory + 1)], self._f[:-(self.memory + 1)]
-        if norm == 0.0:  # at a fixed point: the plain step stays there
+        if self._wait > 0:
+            self._wait -= 1
+            return None, 0
+        if norm == 0.0 or not self._contracting:  # at a fixed point, or the plain step is needed
             return None, 0
         while len(self._x) > 1:
             dX = np.diff(np.array(self._x), axis=0).T  # (n, k): columns x_{j+1} - x_j, oldest first

@@ -2,8 +2,8 @@
 
 On a linear contraction Anderson reaches ``numpy.linalg.solve``'s answer in far fewer steps than
 the plain iteration; on the logistic map, whose plain iteration is a 2-cycle, it converges with
-damping; candidates outside the domain are rejected, accelerated steps that make the residual grow
-are undone, collinear differences are never used together.
+damping; candidates outside the domain are rejected, accelerated steps that do not lower the
+residual are undone, collinear differences are never used together.
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ def test_linear_contraction_reaches_the_solution_in_few_steps(n, memory):
     x_plain, k_plain, _ = _iterate(G, np.zeros(n))
     x_acc, k_acc, used = _iterate(G, np.zeros(n), Anderson(memory))
     assert 2000 < k_plain < 20_000  # the slow mode: 0.995^k
-    assert k_acc <= 40 and k_acc * 50 < k_plain, (k_acc, k_plain)
+    assert k_acc <= 100 and k_acc * 50 < k_plain, (k_acc, k_plain)
     for x in (x_acc, x_plain):
         np.testing.assert_allclose(x, ref, rtol=0, atol=1e-9 * np.abs(ref).max())
     assert max(used) <= min(memory, n)
@@ -80,6 +80,7 @@ def test_out_of_domain_candidate_falls_back_and_growing_residual_is_undone():
     back, used = acc.propose(candidate, G(candidate), theta)
     assert acc.retreated and used == 0
     np.testing.assert_allclose(back, x1 + theta * (G(x1) - x1), rtol=1e-15)
+    assert acc.propose(back, G(back), theta) == (None, 0) and not acc.retreated  # one plain step after it
 
     acc = Anderson()
     in_unit = lambda c: bool(np.all((c >= 0) & (c <= 1)))  # noqa: E731
