@@ -254,6 +254,17 @@ def small_d_error(exc, d, T, variance):
                       f"matrices are singular ({one_line(exc)}); use --variance scalar or --d >= {d_min}")
 
 
+def add_acceleration(p):
+    """``--acceleration`` of the commands that run the state evolution to its fixed point."""
+    p.add_argument("--acceleration", choices=["anderson", "none"], default="anderson",
+                   help="SE steps: Anderson mixing with the damping, or none (plain damped steps)")
+
+
+def acceleration(args):
+    """The SE keyword ``acceleration`` from ``--acceleration`` ('none' -> None)."""
+    return None if args.acceleration == "none" else args.acceleration
+
+
 # --------------------------------------------------------------------------------------------
 # sweep
 # --------------------------------------------------------------------------------------------
@@ -276,6 +287,7 @@ SWEEP_OPTIONS = [
     ("--reg", "reg", choice("nuclear", "frobenius"), "names", "ERM penalty: nuclear, frobenius"),
     ("--lam", "lam", nonneg_float, "numbers >= 0", "ERM regularisation strength"),
     ("--damping", "damping", damping, "'auto' or numbers in [0, 1)", "damping: 'auto' or numbers in [0, 1)"),
+    ("--acceleration", "acceleration", choice("anderson", "none"), "names", "SE acceleration: anderson, none"),
     ("--d", "d", positive_int, "integers >= 1", "dimension (sampled kinds; SE: exact spectrum of non-Wishart teachers)"),
     ("--iters", "max_iter", _NONNEG_INT, "integers >= 0", "maximum iterations per point (erm: 0 = its default)"),
     ("--tol", "tol", nonneg_float, "numbers >= 0", "tolerance"),

@@ -273,12 +273,13 @@ def cmd_se(args) -> dict:
             r = aa.state_evolution(alpha, T, teacher, channel, args.loss, args.reg, args.lam, args.beta,
                                    max_iter=args.iters, tol=args.tol, damping=args.damping, seed=args.seed,
                                    n_mc=args.n_mc, init=init, output_rule=args.output_rule,
-                                   prox_start=args.prox_start)
+                                   prox_start=args.prox_start, acceleration=opt.acceleration(args))
             init = (r.m, r.q, r.V) if r.converged else None
         else:
             r = aa.bayes_state_evolution(alpha, T, law, channel, max_iter=max(args.iters, 1000),
-                                         tol=args.tol, damping=args.damping, predictions=True,
-                                         n_mc=args.n_mc, seed=args.seed, output_rule=args.output_rule)
+                                         tol=args.tol, damping=args.damping, predictions=True, n_mc=args.n_mc,
+                                         seed=args.seed, output_rule=args.output_rule,
+                                         acceleration=opt.acceleration(args))
         for k in ("mse", "m", "q"):
             res[k].append(_finite_or_none(getattr(r, k)))
         # quantities an SE result may not provide (None), e.g. train_* for the Bayes-optimal SE
@@ -426,12 +427,12 @@ def cmd_spectrum(args) -> dict:
     if args.estimator == "erm":
         r = aa.state_evolution(args.alpha, args.T, law, channel, args.loss, args.reg, args.lam, args.beta,
                                max_iter=args.iters, tol=args.tol, damping=args.damping, n_mc=args.n_mc,
-                               seed=args.seed, output_rule=args.output_rule)
+                               seed=args.seed, output_rule=args.output_rule, acceleration=opt.acceleration(args))
         f = aa.make_denoiser(args.reg, args.lam).scalar_map(r.A_hat)
     else:
         r = aa.bayes_state_evolution(args.alpha, args.T, law, channel, max_iter=max(args.iters, 1000),
                                      damping=args.damping, n_mc=args.n_mc, seed=args.seed,
-                                     output_rule=args.output_rule)
+                                     output_rule=args.output_rule, acceleration=opt.acceleration(args))
         f = aa.RIEDenoiser(law).scalar_map(r.A_hat)
     pf = shat_spectrum(law, r.a, r.Delta, f)
     bulk, outliers = _pushforward_summary(pf, args.outlier_mass)
@@ -482,7 +483,7 @@ def cmd_thresholds(args) -> dict:
     else:
         opt.check_teacher(f"the teacher's exact spectrum at d={args.d}", args.d, args.teacher, args.rho)
         law = aa.SpectralLaw.atoms(_make_teacher(args, args.d, np.random.default_rng(args.seed)).eigenvalues)
-    se_kw = {"n_mc": args.n_mc, "seed": args.seed}
+    se_kw = {"n_mc": args.n_mc, "seed": args.seed, "acceleration": opt.acceleration(args)}
     bracket = (args.lo, args.hi)
     runs = {"recovery": lambda: aa.recovery_threshold(args.T, law, channel, args.loss, "nuclear", args.lam,
                                                       bracket=bracket, **se_kw),
@@ -561,6 +562,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prox-start", dest="prox_start", choices=["global", "teacher"], default="global",
                    help="softmax_square only: the SE's prox is the global minimiser or the one reached from z*")
     p.add_argument("--seed", type=opt.seed, default=0, help="seed of the Monte Carlo draws")
+    opt.add_acceleration(p)
     p.set_defaults(func=cmd_se)
 
     p = sub.add_parser("bench", help="per-iteration AMP time over the floor (two GEMMs + one eigh)")
@@ -605,6 +607,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="support intervals lighter than this (other than the heaviest) are outliers")
     p.add_argument("--variance", choices=["sample", "scalar"], default="sample", help="AMP variances (with --d)")
     p.add_argument("--seed", type=opt.seed, default=0, help="seed of the SE draws and of the AMP instance")
+    opt.add_acceleration(p)
     p.set_defaults(func=cmd_spectrum)
 
     p = sub.add_parser("thresholds", help="recovery, interpolation and Bayes-optimal thresholds in alpha")
@@ -619,6 +622,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--d", type=_positive_int, default=200, help="exact-spectrum dimension for non-Wishart teachers")
     p.add_argument("--n-mc", dest="n_mc", type=opt.n_mc, default=100_000, help="SE output-side node budget")
     p.add_argument("--seed", type=opt.seed, default=0, help="seed of the SE draws")
+    opt.add_acceleration(p)
     p.set_defaults(func=cmd_thresholds)
     return parser
 

@@ -191,10 +191,10 @@ class Loop:
             return self.damping[min(self._t, len(self.damping) - 1)] if self._t >= 0 else self.damping[0]
         return self.damping
 
-    def _adapt(self, update: np.ndarray) -> None:
+    def _adapt(self, update: np.ndarray, adapt: bool = True) -> None:
         prev = self._prev_update
         self._prev_update = update
-        if prev is None:
+        if prev is None or not adapt:
             return
         nu, npv = float(np.linalg.norm(update)), float(np.linalg.norm(prev))
         if not (math.isfinite(nu) and math.isfinite(npv)) or npv == 0.0 or nu == 0.0:
@@ -215,16 +215,18 @@ class Loop:
         if self._at_floor >= RESTART_AFTER:
             self.theta, self._at_floor = 1.0, 0
 
-    def update(self, new, old):
+    def update(self, new, old, adapt=True):
         """Damped update of a state tuple ``(1 - delta_t) new + delta_t old``, component-wise.
 
-        With ``damping='auto'`` the raw update ``new - old`` first adapts ``delta_t``.  Returns a
-        tuple of the mixed components (the same types as given).
+        With ``damping='auto'`` the raw update ``new - old`` first adapts ``delta_t``, from its
+        comparison with the previous raw update; ``adapt=False`` only records it (the caller did not
+        reach ``old`` by a damped step, e.g. an accelerated one, so the two say nothing about the
+        damped map).  Returns a tuple of the mixed components (the same types as given).
         """
         new, old = tuple(new), tuple(old)
         if self.damping == "auto":
             with np.errstate(all="ignore"):
-                self._adapt(_relative_update(new, old))
+                self._adapt(_relative_update(new, old), adapt)
         d = self.current_damping()
         self.last_damping = d
         if d == 0.0:

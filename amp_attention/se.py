@@ -33,10 +33,11 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ._validation import check_nonnegative, check_positive, check_rng, check_T
+from .anderson import Anderson
 from .bayes_outputs import bayes_output
 from .denoisers import RIEDenoiser, make_denoiser
 from .factors import Overlaps
-from .loop import Loop
+from .loop import Loop, check_damping
 from .losses import make_loss
 from .model import Teacher, as_spectral_law, check_channel
 from .output_sample import METHODS as RULES
@@ -54,7 +55,8 @@ __all__ = ["SEResult", "BayesSEResult", "state_evolution", "bayes_state_evolutio
 _QUIET = np.errstate(over="ignore", invalid="ignore", divide="ignore")
 
 SE_HISTORY_KEYS = ("m", "q", "V", "mse", "A_hat", "m_hat", "q_hat", "a", "Delta",
-                   "stderr_A_hat", "stderr_m_hat", "stderr_q_hat", "time")
+                   "stderr_A_hat", "stderr_m_hat", "stderr_q_hat", "time", "anderson")
+ACCELERATIONS = ("anderson", None)
 
 
 @dataclass(frozen=True, eq=False)
@@ -104,23 +106,38 @@ BayesSEResult = SEResult  # the Bayes-optimal SE returns the same result type
 
 @_QUIET
 def iterate_se(output, denoiser, sample, overlaps, *, init, max_iter, tol, damping, callback,
-               change, mse_floor=None, what="the state evolution"):
+               change, mse_floor=None, what="the state evolution", acceleration="anderson"):
     """Run the SE loop; returns ``(state, last conjugates, loop outcome)``.
 
     ``overlaps(a, Delta, A_hat) -> (m, q, V)`` is the input side (free or finite, from
     ``denoiser``); ``change(old, new)`` the convergence measure compared with ``tol``;
     ``mse_floor``: stop with perfect recovery when ``mse <= mse_floor Q*`` (Bayes).
 
+    ``acceleration='anderson'`` proposes each step by Anderson mixing of the ``(m, q, V)``
+    iteration (:mod:`amp_attention.anderson`) combined with the current step size, and takes the
+    plain damped step whenever a safeguard says so (e.g. too little memory, an ill-conditioned or
+    out-of-domain proposal: ``q >= 0``, ``V > 0``, ``m^2 <= q Q*`` are required); ``None`` takes
+    plain damped steps only.  A ``damping`` schedule always takes plain steps: it replays another
+    run step by step.  ``history['anderson'][t]`` is the number of differences step t used (0: plain
+    step; -1: the accelerated state of step t - 1 did not lower the residual and was undone: step t
+    is the plain step from the state before it).  The adaptive damping learns only from states
+    linked by a plain step.  The stop rule compares with ``tol`` the larger of the plain step's
+    change and the step taken, so both modes stop on the same residual.
+
     The loop never raises for a valid problem: an evaluation that fails (an exception from a
-    factor, a non-finite or out-of-domain conjugate) is retried from the previous state with a
-    smaller step when ``damping='auto'`` (:meth:`Loop.backtrack`), and otherwise stops the loop
-    with ``diverged=True`` and a message naming the step and the reason.
+    factor, a non-finite or out-of-domain conjugate) at an accelerated state is retried at the
+    plain step (the memory cleared), then from the previous state with a smaller step when
+    ``damping='auto'`` (:meth:`Loop.backtrack`), and otherwise stops the loop with
+    ``diverged=True`` and a message naming the step and the reason.
     """
     Q = sample.Q
     state = _check_init(init, Q)
     loop = Loop(SE_HISTORY_KEYS, max_iter=max_iter, tol=tol, damping=damping, callback=callback, unit="step")
+    accel = Anderson() if _check_acceleration(acceleration, damping) else None
     last = (None, None, None)
-    prev = None  # (previous state, its raw update target): where a backtrack restarts from
+    # (previous state, its raw update target, its plain step, whether the state after it was reached
+    # otherwise than by that plain step): where a retry restarts from
+    prev = None
 
     def evaluate(m, q, V, t):
         """One SE map evaluation; returns (conjugates, raw new state) or an error message."""
@@ -142,8 +159,14 @@ def iterate_se(output, denoiser, sample, overlaps, *, init, max_iter, tol, dampi
         t0 = time.perf_counter()
         res = evaluate(*state, t)
         recorded = state  # the last state in the history
+        if isinstance(res, str) and accel is not None and prev is not None and prev[3] and state != prev[2]:
+            accel.reset()                # an accelerated state failed: take the plain step instead
+            state, prev = prev[2], prev[:3] + (False,)
+            res = evaluate(*state, t)
         while isinstance(res, str) and prev is not None and loop.backtrack():
-            old, raw_old = prev          # retry the last update with a quarter of the step
+            if accel is not None:
+                accel.reset()
+            old, raw_old = prev[:2]      # retry the last update with a quarter of the step
             state = tuple((1 - loop.current_damping()) * r + loop.current_damping() * o
                           for r, o in zip(raw_old, old))
             res = evaluate(*state, t)
@@ -152,18 +175,29 @@ def iterate_se(output, denoiser, sample, overlaps, *, init, max_iter, tol, dampi
             state = recorded
             break
         (A_hat, m_hat, q_hat, err, a, Delta), raw = res
-        new = loop.update(raw, state)
+        # the adaptive damping learns only from consecutive states linked by a plain damped step
+        new = tuple(float(v) for v in loop.update(raw, state, adapt=not (prev and prev[3])))
         if not all(np.isfinite(v) for v in new):
             loop.diverge(f"step {t}: non-finite order parameters; kept the last finite ones")
             break
-        delta = change(state, new)
-        prev = (state, raw)
-        state = tuple(float(v) for v in new)
+        delta, step, used = change(state, new), (state, raw, new, False), 0
+        if accel is not None:
+            proposal, used = accel.propose(state, raw, 1.0 - loop.last_damping,
+                                           accept=lambda x: _in_domain(*x, Q))
+            if accel.retreated:  # undo the last accelerated step: the plain step from the state before it
+                step, used = (prev[0], prev[1], tuple(float(v) for v in proposal), True), -1
+            elif proposal is not None:
+                step = (state, raw, new, True)
+            if proposal is not None:
+                new = tuple(float(v) for v in proposal)
+                delta = max(delta, change(state, new))
+        prev = step
+        state = new
         m, q, V = state
         mse = Q - 2 * m + q
         if not loop.record(m=m, q=q, V=V, mse=mse, A_hat=A_hat, m_hat=m_hat, q_hat=q_hat, a=a, Delta=Delta,
                            stderr_A_hat=err["A_hat"], stderr_m_hat=err["m_hat"], stderr_q_hat=err["q_hat"],
-                           time=time.perf_counter() - t0):
+                           time=time.perf_counter() - t0, anderson=used):
             state = recorded
             break
         last = (A_hat, a, Delta)
@@ -214,9 +248,22 @@ def _check_init(init, Q):
                 or not np.isfinite(v):
             raise ValueError(f"init must hold three finite numbers (m, q, V), got {k} = {v!r}")
     m, q, V = (float(v) for v in vals)
-    if not (q >= 0 and V > 0 and m * m <= q * Q * (1 + 1e-9)):
+    if not _in_domain(m, q, V, Q):
         raise ValueError(f"init must satisfy q >= 0, V > 0, m^2 <= q Q*, got {(m, q, V)}")
     return m, q, V
+
+
+def _in_domain(m, q, V, Q):
+    """The domain of the SE map: ``q >= 0``, ``V > 0``, ``m^2 <= q Q*`` (Cauchy-Schwarz)."""
+    return bool(q >= 0 and V > 0 and m * m <= q * Q * (1 + 1e-9))
+
+
+def _check_acceleration(acceleration, damping):
+    """The acceleration in effect: ``acceleration`` ('anderson' or None), or None under a damping
+    schedule (a sequence, replayed step by step)."""
+    if not (acceleration is None or (isinstance(acceleration, str) and acceleration in ACCELERATIONS)):
+        raise ValueError(f"acceleration must be 'anderson' or None, got {acceleration!r}")
+    return None if isinstance(check_damping(damping), tuple) else acceleration
 
 
 def _check_flag(x, name):
@@ -263,7 +310,8 @@ def _input_overlaps(denoiser, law, input_side, eigenvalues, n_draws, seed):
 def state_evolution(alpha, T, teacher, channel, loss="cross_entropy", reg="nuclear", lam=0.05,
                     beta=None, *, spectrum="exact", input_side="free", n_mc=100_000, n_draws=4,
                     max_iter=200, tol=1e-8, damping="auto", seed=0, predictions=True,
-                    callback=None, init=None, output_rule="auto", prox_start="global") -> SEResult:
+                    callback=None, init=None, output_rule="auto", prox_start="global",
+                    acceleration="anderson") -> SEResult:
     """Run the ERM state evolution from ``m = q = 0, V = 1`` (docs/theory.md §7).
 
     Parameters
@@ -288,6 +336,12 @@ def state_evolution(alpha, T, teacher, channel, loss="cross_entropy", reg="nucle
     damping : ``'auto'`` (adaptive, see :mod:`amp_attention.loop`), a fixed ``0 <= damping < 1``
         (``m, q, V <- (1 - damping) new + damping old``) or a schedule (e.g. GAMP's
         ``history['damping']``, to compare the two iteration by iteration).
+    acceleration : ``'anderson'`` (default: Anderson mixing of ``(m, q, V)`` with the current
+        damping, safeguarded, docs/theory.md §7.3; it never moves a fixed point) or ``None`` (plain
+        damped steps, the behaviour before acceleration existed).  With a ``damping`` schedule the
+        steps are always plain (the schedule replays another run step by step).
+        ``history['anderson']`` records per step the number of differences used (0: plain step,
+        -1: an accelerated step undone, see :func:`iterate_se`).
     callback : optional ``callback(t, history)``; returning True stops.
     init : optional starting ``(m, q, V)`` (default ``(0, 0, 1)``, GAMP's ``S^0 = 0, V^0 = 1``): three
         finite numbers, as a sequence or a mapping (or object) with ``m``, ``q``, ``V``, with ``q >= 0``,
@@ -308,6 +362,7 @@ def state_evolution(alpha, T, teacher, channel, loss="cross_entropy", reg="nucle
     predictions = _check_flag(predictions, "predictions")
     if not isinstance(output_rule, str) or output_rule not in RULES:
         raise ValueError(f"output_rule must be one of {RULES}, got {output_rule!r}")
+    acceleration = _check_acceleration(acceleration, damping)
     output = make_loss(loss, beta)
     output.check_T(T)
     if prox_start != "global":
@@ -324,7 +379,8 @@ def state_evolution(alpha, T, teacher, channel, loss="cross_entropy", reg="nucle
     m, q, V = _check_init(init, Q)
     (m, q, V), (A_hat, a, Delta), outcome = iterate_se(
         output, denoiser, sample, overlaps, init=(m, q, V), max_iter=max_iter, tol=tol,
-        damping=damping, callback=callback, change=_erm_change, what="the ERM state evolution")
+        damping=damping, callback=callback, change=_erm_change, what="the ERM state evolution",
+        acceleration=acceleration)
     test_error = test_error_noisy = train_loss = train_objective = None
     if predictions and outcome["n_iter"]:
         def compute():  # (in this order: the 'mc' rule may draw as it goes)
@@ -339,7 +395,7 @@ def state_evolution(alpha, T, teacher, channel, loss="cross_entropy", reg="nucle
             test_error, test_error_noisy, train_loss, train_objective = pred.values()
     params = {"alpha": alpha, "T": T, "loss": loss, "reg": reg, "lam": lam, "beta": beta,
               "spectrum": spectrum, "input_side": input_side, "n_mc": n_mc, "output_rule": output_rule,
-              "prox_start": prox_start, "law": repr(law)}
+              "prox_start": prox_start, "law": repr(law), "acceleration": acceleration}
     return SEResult(m=m, q=q, V=V, mse=Q - 2 * m + q, Q=Q, test_error=test_error,
                     test_error_noisy=test_error_noisy, train_loss=train_loss,
                     train_objective=train_objective, a=a, Delta=Delta, A_hat=A_hat, params=params, **outcome)
@@ -354,7 +410,7 @@ def _bayes_change(old, new):
 @_QUIET
 def bayes_state_evolution(alpha, T, law, channel, max_iter=1000, tol=1e-10, damping="auto", *,
                           q0=0.0, mse_floor=1e-12, callback=None, predictions=False, n_mc=100_000,
-                          seed=0, output_rule="auto") -> SEResult:
+                          seed=0, output_rule="auto", acceleration="anderson") -> SEResult:
     """Bayes-optimal state evolution (docs/theory.md §7, "Bayes-optimal SE").
 
     Parameters
@@ -367,6 +423,8 @@ def bayes_state_evolution(alpha, T, law, channel, max_iter=1000, tol=1e-10, damp
         (relative, so a geometric decay to 0 above a perfect-recovery threshold runs on until
         ``mse_floor``; ``tol = 0``: run ``max_iter`` steps unless perfect recovery stops earlier).
     damping : ``'auto'``, a fixed float or a schedule, as for :func:`state_evolution`.
+    acceleration : ``'anderson'`` (default) or ``None`` (plain damped steps), as for
+        :func:`state_evolution` (a schedule takes plain steps).
     q0 : initial ``q = m`` (default 0: GAMP's ``S^0 = 0``, ``V^0 = Q*``; ``q0 = mean(S*)^2`` is the
         prior-mean start ``S^0 = mean I``).
     mse_floor : ``mse <= mse_floor * Q*`` counts as perfect recovery and stops the iteration.
@@ -388,6 +446,7 @@ def bayes_state_evolution(alpha, T, law, channel, max_iter=1000, tol=1e-10, damp
     predictions = _check_flag(predictions, "predictions")
     if not isinstance(output_rule, str) or output_rule not in RULES:
         raise ValueError(f"output_rule must be one of {RULES}, got {output_rule!r}")
+    acceleration = _check_acceleration(acceleration, damping)
     output = bayes_output(channel)
     output.check_T(T)
     denoiser = RIEDenoiser(law, name="law")
@@ -402,7 +461,7 @@ def bayes_state_evolution(alpha, T, law, channel, max_iter=1000, tol=1e-10, damp
     (m, q, V), (A_hat, a, Delta), outcome = iterate_se(
         output, denoiser, sample, overlaps, init=(q0, q0, Q - q0), max_iter=max_iter, tol=tol,
         damping=damping, callback=callback, change=_bayes_change, mse_floor=mse_floor,
-        what="the Bayes-optimal state evolution")
+        what="the Bayes-optimal state evolution", acceleration=acceleration)
     perfect = outcome["converged"] and outcome["message"].startswith("perfect recovery")
     test_error = test_error_noisy = None
     if predictions and outcome["n_iter"]:
@@ -414,7 +473,7 @@ def bayes_state_evolution(alpha, T, law, channel, max_iter=1000, tol=1e-10, damp
             test_error, test_error_noisy = pred.values()
     k_eff, noise = output.observed_components(T)
     params = {"alpha": alpha, "T": T, "K": n_pairs(T), "k_eff": k_eff, "noise": noise,
-              "channel": repr(output), "law": repr(law), "damping": damping}
+              "channel": repr(output), "law": repr(law), "damping": damping, "acceleration": acceleration}
     return SEResult(m=m, q=q, V=V, mse=Q - q, Q=Q, test_error=test_error, test_error_noisy=test_error_noisy,
                     a=a, Delta=Delta, A_hat=A_hat,
                     params=params, perfect_recovery=perfect, mse_prior=law.variance, q0=q0, mse0=Q - q0,

@@ -57,12 +57,13 @@ _MODEL = {"alpha": 0.3, "T": 2, "teacher": "wishart", "rho": 0.5, "gamma": 1.0, 
 _ERM = {"loss": "cross_entropy", "reg": "nuclear", "lam": 0.05}
 
 #: every kind's parameters and their defaults, in column order ('erm': ``max_iter = 0`` means
-#: direct_erm's own default; ``d`` of the SE kinds: the exact-spectrum dimension of non-Wishart teachers)
+#: direct_erm's own default; ``d`` of the SE kinds: the exact-spectrum dimension of non-Wishart teachers;
+#: ``acceleration`` of the SE kinds: 'anderson' or 'none', the keyword ``acceleration=None``)
 PARAMETERS = {
-    "se": {**_MODEL, **_ERM, "damping": "auto", "max_iter": 200, "tol": 1e-8, "n_mc": 100_000,
-           "output_rule": "auto", "prox_start": "global", "d": 200},
-    "bayes_se": {**_MODEL, "damping": "auto", "max_iter": 1000, "tol": 1e-10, "n_mc": 100_000,
-                 "output_rule": "auto", "d": 200},
+    "se": {**_MODEL, **_ERM, "damping": "auto", "acceleration": "anderson", "max_iter": 200, "tol": 1e-8,
+           "n_mc": 100_000, "output_rule": "auto", "prox_start": "global", "d": 200},
+    "bayes_se": {**_MODEL, "damping": "auto", "acceleration": "anderson", "max_iter": 1000, "tol": 1e-10,
+                 "n_mc": 100_000, "output_rule": "auto", "d": 200},
     "amp": {**_MODEL, **_ERM, "d": 100, "damping": "auto", "max_iter": 200, "tol": 1e-8,
             "variance": "sample", "n_test": 2000},
     "erm": {**_MODEL, **_ERM, "d": 100, "method": "lbfgs", "max_iter": 0, "tol": 1e-10, "n_test": 2000},
@@ -79,7 +80,7 @@ _INT = {"T", "rank", "d", "max_iter", "n_mc", "n_test"}
 _CHOICES = {"teacher": ("wishart", "powerlaw", "lowrank"), "channel": ("softmax", "hardmax", "linear"),
             "loss": ("cross_entropy", "square", "softmax_square"), "reg": ("nuclear", "frobenius"),
             "output_rule": ("auto", "qmc", "mc", "gauss_hermite"), "prox_start": ("global", "teacher"),
-            "variance": ("sample", "scalar"), "method": ("lbfgs", "prox")}
+            "variance": ("sample", "scalar"), "method": ("lbfgs", "prox"), "acceleration": ("anderson", "none")}
 
 
 # --------------------------------------------------------------------------------------------
@@ -311,6 +312,11 @@ class _SingleThreaded:
         return False
 
 
+def _acceleration(p):
+    """The SE's ``acceleration`` keyword from the sweep parameter ('anderson' or 'none')."""
+    return None if p["acceleration"] == "none" else p["acceleration"]
+
+
 def _run_point(kind, p, seed_index, init=None):
     ss = point_seed(kind, p, seed_index)
     t0 = time.perf_counter()
@@ -323,7 +329,7 @@ def _run_point(kind, p, seed_index, init=None):
             r = state_evolution(p["alpha"], p["T"], law, _channel(p), p["loss"], p["reg"], p["lam"], p["beta"],
                                 n_mc=p["n_mc"], max_iter=p["max_iter"], tol=p["tol"], damping=p["damping"],
                                 seed=int(ss.generate_state(1)[0]), init=init, output_rule=p["output_rule"],
-                                prox_start=p["prox_start"])
+                                prox_start=p["prox_start"], acceleration=_acceleration(p))
             row = _row_from_se(r)
         elif kind == "bayes_se":
             from .se import bayes_state_evolution
@@ -331,7 +337,8 @@ def _run_point(kind, p, seed_index, init=None):
             law = _law(p, np.random.default_rng(ss.spawn(1)[0]))
             r = bayes_state_evolution(p["alpha"], p["T"], law, _channel(p), max_iter=p["max_iter"], tol=p["tol"],
                                       damping=p["damping"], predictions=True, n_mc=p["n_mc"],
-                                      seed=int(ss.generate_state(1)[0]), output_rule=p["output_rule"])
+                                      seed=int(ss.generate_state(1)[0]), output_rule=p["output_rule"],
+                                      acceleration=_acceleration(p))
             row = _row_from_se(r)
         else:
             row = _run_sampled(kind, p, ss)

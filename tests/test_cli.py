@@ -90,6 +90,21 @@ def test_se_bayes_json(capsys):
         assert res["V"][i] == pytest.approx(res["mse"][i], rel=1e-9)
 
 
+def test_se_acceleration_option(capsys):
+    """--acceleration none: the plain SE steps; the fixed point is the same, reached in more steps."""
+    argv = ["se", "--alpha", "0.2", "--loss", "square", "--reg", "frobenius", "--channel", "linear", "--noise", "0.1",
+            "--lam", "0.1", "--tol", "1e-12", "--iters", "2000", "--json"]
+    acc, plain = _json(capsys, argv), _json(capsys, argv + ["--acceleration", "none"])
+    assert acc["params"]["acceleration"] == "anderson" and plain["params"]["acceleration"] == "none"
+    assert acc["converged"] == plain["converged"] == [True]
+    assert abs(acc["mse"][0] - plain["mse"][0]) < 1e-10 and acc["n_iter"][0] < plain["n_iter"][0]
+    res = _json(capsys, ["se", "--alpha", "0.3", "--estimator", "bayes", "--acceleration", "none", "--json"])
+    assert res["converged"] == [True]
+    with pytest.raises(SystemExit) as exc:
+        main(["se", "--acceleration", "fast"])
+    assert exc.value.code == 2 and "acceleration" in capsys.readouterr().err
+
+
 def test_paper_setting_se_and_run_json(capsys):
     """Softmax-square loss on noisy softmax labels (issue 10): both commands run and report the
     noisy test error, the training objective and the SE's variance and conjugates."""

@@ -53,6 +53,7 @@ BAD_INT1 = [v for v in BAD_COMMON if v is not None] + [0, -1, 2.5, 1e3]
 BAD_DAMPING = [v for v in BAD_COMMON if v is not None] + [1.0, -0.1, "bogus", [], [0.5, 1.5]]
 BAD_CALLBACK = [3, "abc", 1.5, [1], True]
 BAD_CHOICE = [None, 3, "bogus", "", ["square"], 1.5]
+BAD_ACCELERATION = BAD_CHOICE[1:] + [True, "none", "Anderson"]  # None is valid (plain steps)
 BAD_ARRAY = ["abc", None, 3.0, [[1.0]], np.full((2, 2), np.nan)]
 BAD_OPTIONAL_ARRAY = BAD_ARRAY[:1] + BAD_ARRAY[2:]  # None is valid (no S_star / S0)
 EXP = st.integers(-300, 300)
@@ -235,7 +236,7 @@ SE_BAD = {
     "spectrum": BAD_CHOICE, "input_side": BAD_CHOICE, "n_mc": BAD_INT1, "n_draws": BAD_INT1,
     "max_iter": BAD_INT1, "tol": BAD_NONNEG, "damping": BAD_DAMPING, "seed": [-1, "abc", 2.5, [1, -2]],
     "predictions": ["yes", 2, None], "callback": BAD_CALLBACK, "output_rule": BAD_CHOICE,
-    "prox_start": BAD_CHOICE,
+    "prox_start": BAD_CHOICE, "acceleration": BAD_ACCELERATION,
     "init": [5, "abc", (0.0, 1.0), (0.0, np.inf, 1.0), (np.nan, 0.1, 1.0), (0.0, 0.1, -1.0), (5.0, 0.1, 1.0),
              {"m": 0.0}, (True, 0.1, 1.0)],
 }
@@ -261,19 +262,20 @@ def test_state_evolution_bad_arguments(arg, data):
 @given(alpha_exp=st.integers(-300, 307), lam_exp=EXP, beta_exp=EXP,
        combo=st.sampled_from([("square", "frobenius", "linear"), ("square", "nuclear", "softmax"),
                               ("cross_entropy", "nuclear", "softmax"), ("softmax_square", "frobenius", "softmax")]),
-       damping=st.sampled_from(["auto", 0.0, 0.5]), init=st.sampled_from([None, (0.1, 0.2, 0.5)]))
-def test_state_evolution_extreme(alpha_exp, lam_exp, beta_exp, combo, damping, init):
+       damping=st.sampled_from(["auto", 0.0, 0.5]), init=st.sampled_from([None, (0.1, 0.2, 0.5)]),
+       acceleration=st.sampled_from(["anderson", None]))
+def test_state_evolution_extreme(alpha_exp, lam_exp, beta_exp, combo, damping, init, acceleration):
     loss, reg, ch = combo
     channel = LINEAR if ch == "linear" else aa.SoftmaxChannel(10.0 ** (beta_exp // 4))
     check("state_evolution extreme", lambda: aa.state_evolution(
         10.0 ** alpha_exp, 2, LAW, channel, loss, reg, 10.0 ** lam_exp, n_mc=1000, max_iter=6, damping=damping,
-        init=init))
+        init=init, acceleration=acceleration))
 
 
 BAYES_SE_BAD = {"alpha": BAD_POSITIVE, "T": BAD_INT1, "law": [None, 3, "wishart"], "channel": [None, 3],
                 "max_iter": BAD_INT1, "tol": BAD_NONNEG, "damping": BAD_DAMPING, "q0": BAD_NONNEG + [10.0],
                 "mse_floor": BAD_NONNEG, "callback": BAD_CALLBACK, "predictions": ["yes", None],
-                "n_mc": BAD_INT1, "seed": [-1, "abc"], "output_rule": BAD_CHOICE}
+                "n_mc": BAD_INT1, "seed": [-1, "abc"], "output_rule": BAD_CHOICE, "acceleration": BAD_ACCELERATION}
 
 
 @settings(max_examples=examples(10, 80))
@@ -289,11 +291,12 @@ def test_bayes_state_evolution_bad_arguments(arg, data):
 
 @settings(max_examples=examples(8, 60))
 @given(alpha_exp=st.integers(-300, 307), softmax=st.booleans(), damping=st.sampled_from(["auto", 0.0, 0.5]),
-       q0=st.sampled_from([0.0, 0.5, 1.4]), predictions=st.booleans())
-def test_bayes_state_evolution_extreme(alpha_exp, softmax, damping, q0, predictions):
+       q0=st.sampled_from([0.0, 0.5, 1.4]), predictions=st.booleans(),
+       acceleration=st.sampled_from(["anderson", None]))
+def test_bayes_state_evolution_extreme(alpha_exp, softmax, damping, q0, predictions, acceleration):
     check("bayes_state_evolution extreme", lambda: aa.bayes_state_evolution(
         10.0 ** alpha_exp, 2, LAW, SOFTMAX if softmax else LINEAR, max_iter=8, damping=damping, q0=q0,
-        predictions=predictions, n_mc=1000))
+        predictions=predictions, n_mc=1000, acceleration=acceleration))
 
 
 # --------------------------------------------------------------------------------------------

@@ -172,6 +172,34 @@ def test_validation():
         sw.sweep("se", {"alpha": [0.1], "n_mc": [2000], "max_iter": [2]}, executor="nonsense", progress=False)
 
 
+def test_se_acceleration_parameter(tmp_path):
+    """The SE kinds' ``acceleration`` ('anderson', the default, or 'none': the keyword None) reaches
+    the state evolution, keeps its fixed point, and survives a CSV round trip."""
+    import amp_attention as aa
+
+    grid = {"alpha": [0.3], "lam": [0.1], "loss": ["square"], "reg": ["frobenius"], "channel": ["linear"],
+            "noise": [0.1], "max_iter": [2000], "tol": [1e-12], "acceleration": ["anderson", "none"]}
+    df = sw.sweep("se", grid, progress=False)
+    assert sw.PARAMETERS["se"]["acceleration"] == sw.PARAMETERS["bayes_se"]["acceleration"] == "anderson"
+    assert df["acceleration"].tolist() == ["anderson", "none"] and df["converged"].all()
+    for _, row in df.iterrows():
+        r = aa.state_evolution(0.3, 2, aa.SpectralLaw.wishart(0.5), aa.LinearChannel(0.1), "square", "frobenius",
+                               0.1, max_iter=2000, tol=1e-12, acceleration=None if row["acceleration"] == "none"
+                               else "anderson")
+        assert row["n_iter"] == r.n_iter and row["m"] == r.m
+    assert df["n_iter"][0] < df["n_iter"][1] and abs(df["mse"][0] - df["mse"][1]) < 1e-10
+    sw.write_sweep(df, tmp_path / "a.csv")
+    pd.testing.assert_frame_equal(df, sw.read_sweep(tmp_path / "a.csv"), check_exact=True)
+    bayes = sw.sweep("bayes_se", {"alpha": [0.25], "acceleration": ["anderson", "none"], "n_mc": [2000]},
+                     progress=False)
+    assert bayes["n_iter"][0] < bayes["n_iter"][1] and abs(bayes["mse"][0] - bayes["mse"][1]) < 1e-8
+    for bad in (None, "fast"):
+        with pytest.raises(ValueError, match="acceleration"):
+            sw.sweep("se", {"acceleration": [bad]})
+    with pytest.raises(ValueError, match="acceleration"):
+        sw.sweep("amp", {"acceleration": ["none"]})
+
+
 def test_point_seed_depends_on_point_not_order():
     p = dict(sw.PARAMETERS["se"])
     a = sw.point_seed("se", p, 0).generate_state(2)

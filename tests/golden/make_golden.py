@@ -15,8 +15,9 @@ Regenerating is only legitimate when a change is *meant* to alter numerics; say 
 
 Conventions: only the public API (``import amp_attention as aa``) is used; every random draw
 comes from ``np.random.default_rng(<fixed int>)`` or an explicit ``seed=``; ``damping`` is always
-passed explicitly as a float (``0.0`` unless stated), as are ``tol``, ``max_iter``, ``beta`` and
-the Monte Carlo sizes, so that changes of defaults do not move the golden trajectories.  Keys in
+passed explicitly as a float (``0.0`` unless stated), as are ``tol``, ``max_iter``, ``beta``,
+the Monte Carlo sizes and the SE's ``acceleration=None`` (plain steps), so that changes of defaults
+do not move the golden trajectories.  Keys in
 the ``.npz`` are ``<case>/<quantity>``, e.g. ``se/square/nuclear/softmax/m``; ``meta/*`` keys
 describe where the data came from and are not compared.
 """
@@ -44,7 +45,8 @@ RHO = 0.5                      # Wishart teacher / law
 LAM = 0.05                     # ERM regularisation strength
 BETA = 1.0                     # softmax / cross-entropy inverse temperature
 SE_KW = dict(n_mc=4000, n_draws=2, max_iter=8, tol=0.0, damping=0.0, seed=7, predictions=True,
-             output_rule="mc")  # the golden data pin the plain Monte Carlo rule of the reference commit
+             output_rule="mc",  # the golden data pin the plain Monte Carlo rule of the reference commit
+             acceleration=None)  # and its plain damped SE steps (Anderson mixing came later)
 SE_HISTORY = ("m", "q", "V", "mse", "A_hat", "m_hat", "q_hat")
 BAYES_SE_HISTORY = ("m", "q", "V", "mse", "A_hat")
 AMP_D = 40
@@ -117,7 +119,7 @@ def se_exact(loss, reg, channel, kind, d=40, alpha=0.4):
 def bayes_se(channel, T=2, alpha=0.3):
     def run():
         res = aa.bayes_state_evolution(alpha, T, aa.SpectralLaw.wishart(RHO), make_channel(channel),
-                                       max_iter=5, tol=0.0, damping=0.0)
+                                       max_iter=5, tol=0.0, damping=0.0, acceleration=None)
         return {k: np.asarray(res.history[k], dtype=float) for k in BAYES_SE_HISTORY}
     return run
 
