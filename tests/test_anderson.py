@@ -144,10 +144,11 @@ def _both(run):
     return run(None), run("anderson")
 
 
-@pytest.mark.parametrize("alpha, lam, ratio", [(0.5, 0.05, 0.6), (0.2, 0.01, 0.6), (0.5, 1e-4, 0.75)])
+@pytest.mark.parametrize("alpha, lam, ratio", [(0.5, 0.05, 0.6), (0.2, 0.01, 0.6), (0.5, 1e-4, 0.85)])
 def test_se_fixed_point_unchanged_cross_entropy_nuclear(alpha, lam, ratio):
     """Same fixed point, fewer steps.  At lam = 1e-4 the adaptive damping must learn only from states
-    linked by a plain step (else it damps the accelerated iteration: 61 of the plain 70 steps)."""
+    linked by a plain step (else it damps the accelerated iteration: 61 of the plain 70 steps, with
+    the step-by-step damping rule; with the windowed vote: 48 of 58)."""
     plain, acc = _both(lambda a: aa.state_evolution(
         alpha, 2, LAW, aa.SoftmaxChannel(1.0), "cross_entropy", "nuclear", lam, n_mc=20_000, tol=1e-10,
         max_iter=2000, predictions=False, acceleration=a))
