@@ -20,6 +20,7 @@ import numpy as np
 
 from amp_attention import _cli_options as opt
 from amp_attention._warmup import warm_up
+from amp_attention.output_sample import DEFAULT_N_MC
 from amp_attention.sweep import progress_bar
 
 
@@ -540,7 +541,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_options(p)
     p.add_argument("--iters", type=_positive_int, default=50, help="maximum AMP iterations")
     p.add_argument("--tol", type=_nonneg_float, default=1e-8, help="AMP tolerance (0: run all iterations)")
-    p.add_argument("--n-mc", dest="n_mc", type=opt.n_mc, default=100_000,
+    p.add_argument("--n-mc", dest="n_mc", type=opt.n_mc, default=DEFAULT_N_MC,
                    help="node budget of the SE output side's Gaussian averages")
     p.add_argument("--output-rule", dest="output_rule", choices=["auto", "qmc", "mc", "gauss_hermite"],
                    default="auto", help="SE output-side rule: 'auto' = quasi-Monte Carlo, seed-independent")
@@ -555,7 +556,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="dimension of the exact spectrum for teachers without a closed limit law")
     p.add_argument("--iters", type=_positive_int, default=500, help="maximum SE steps per alpha")
     p.add_argument("--tol", type=_nonneg_float, default=1e-8, help="SE tolerance on the change of (m, q, V)")
-    p.add_argument("--n-mc", dest="n_mc", type=opt.n_mc, default=100_000,
+    p.add_argument("--n-mc", dest="n_mc", type=opt.n_mc, default=DEFAULT_N_MC,
                    help="node budget of the output side's Gaussian averages")
     p.add_argument("--output-rule", dest="output_rule", choices=["auto", "qmc", "mc", "gauss_hermite"],
                    default="auto", help="output-side rule: 'auto' = quasi-Monte Carlo, seed-independent")
@@ -600,7 +601,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "the exact-spectrum dimension for non-Wishart teachers (else 200)")
     p.add_argument("--iters", type=_positive_int, default=500, help="maximum SE / AMP iterations")
     p.add_argument("--tol", type=_nonneg_float, default=1e-8, help="SE / AMP tolerance")
-    p.add_argument("--n-mc", dest="n_mc", type=opt.n_mc, default=100_000, help="SE output-side node budget")
+    p.add_argument("--n-mc", dest="n_mc", type=opt.n_mc, default=DEFAULT_N_MC, help="SE output-side node budget")
     p.add_argument("--output-rule", dest="output_rule", choices=["auto", "qmc", "mc", "gauss_hermite"],
                    default="auto", help="SE output-side rule")
     p.add_argument("--outlier-mass", dest="outlier_mass", type=_positive_float, default=0.05,
@@ -620,7 +621,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lo", type=_positive_float, default=0.02, help="lower end of the initial alpha bracket")
     p.add_argument("--hi", type=_positive_float, default=1.0, help="upper end of the initial alpha bracket")
     p.add_argument("--d", type=_positive_int, default=200, help="exact-spectrum dimension for non-Wishart teachers")
-    p.add_argument("--n-mc", dest="n_mc", type=opt.n_mc, default=100_000, help="SE output-side node budget")
+    p.add_argument("--n-mc", dest="n_mc", type=opt.n_mc, default=DEFAULT_N_MC, help="SE output-side node budget")
     p.add_argument("--seed", type=opt.seed, default=0, help="seed of the SE draws")
     opt.add_acceleration(p)
     p.set_defaults(func=cmd_thresholds)

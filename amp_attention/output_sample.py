@@ -57,10 +57,14 @@ from ._validation import check_memory, check_nonnegative, check_positive, check_
 from .model import HardmaxChannel, LinearChannel, SoftmaxChannel, check_channel
 from .whitening import flat_direction, n_pairs, unwhiten, whiten
 
-__all__ = ["OutputSample", "GaussianRule", "OutputView", "METHODS",
+__all__ = ["OutputSample", "GaussianRule", "OutputView", "METHODS", "DEFAULT_N_MC",
            "is_flat_invariant", "has_smooth_g_out"]
 
 METHODS = ("auto", "mc", "qmc", "gauss_hermite")
+
+#: The default node budget of the SE output side (docs/theory.md §7.1): with the two-level rule of
+#: ``output_rule='auto'`` it costs about what 1e5 plain Monte Carlo draws cost.
+DEFAULT_N_MC = 400_000
 
 # --------------------------------------------------------------------------------------------
 # Factor traits used by the output side
@@ -325,7 +329,7 @@ class OutputSample:
     made on first use (a factor with closed-form conjugates never pays for them) and then fixed.
     """
 
-    def __init__(self, alpha, T, Q, channel, n_mc=100_000, seed=0, method="auto", *,
+    def __init__(self, alpha, T, Q, channel, n_mc=DEFAULT_N_MC, seed=0, method="auto", *,
                  qmc_seed=0, n_replicates=None):
         self.alpha = check_positive(alpha, "alpha")
         self.T = check_T(T)

@@ -36,12 +36,12 @@ from ._validation import check_nonnegative, check_positive, check_rng, check_T
 from .anderson import Anderson
 from .bayes_outputs import bayes_output
 from .denoisers import RIEDenoiser, make_denoiser
-from .factors import Overlaps
+from .factors import OutputFactor, Overlaps
 from .loop import Loop, check_damping
 from .losses import make_loss
 from .model import Teacher, as_spectral_law, check_channel
 from .output_sample import METHODS as RULES
-from .output_sample import OutputSample
+from .output_sample import DEFAULT_N_MC, OutputSample
 from .whitening import n_pairs
 
 __all__ = ["SEResult", "BayesSEResult", "state_evolution", "bayes_state_evolution", "iterate_se"]
@@ -306,9 +306,49 @@ def _input_overlaps(denoiser, law, input_side, eigenvalues, n_draws, seed):
     raise ValueError(f"input_side must be 'free' or 'finite', got {input_side!r}")
 
 
+#: Two-level output rule of ``output_rule='auto'`` (docs/theory.md §7.1): the SE first iterates on
+#: a coarse rule of ``n_mc // COARSE_FACTOR`` nodes until its change is below ``COARSE_TOL`` (the
+#: coarse rule's own accuracy), then continues from there on the full rule of ``n_mc`` nodes.
+COARSE_FACTOR = 16
+COARSE_TOL = 1e-5
+COARSE_MIN_NODES = 4096
+
+
+def _coarse_budget(output, sample, output_rule, damping, callback):
+    """The node budget of the coarse level of ``output_rule='auto'``, or None when the two-level
+    rule does not apply: a rule other than ``'auto'``, a factor with closed-form conjugates (no
+    nodes to save), a damping schedule (the run replays another step by step), a callback (it sees
+    one trajectory), or fewer than ``COARSE_MIN_NODES`` coarse nodes."""
+    if output_rule != "auto" or callback is not None or isinstance(check_damping(damping), tuple):
+        return None
+    if type(output).se_conjugates is not OutputFactor.se_conjugates:
+        return None
+    n_coarse = sample.n_mc // COARSE_FACTOR
+    return n_coarse if n_coarse >= COARSE_MIN_NODES else None
+
+
+def _iterate_two_level(coarse, fine, *, init, max_iter, tol, **kw):
+    """:func:`iterate_se` on the ``coarse`` sample to ``max(tol, COARSE_TOL)``, then on ``fine``
+    from the coarse state with the remaining steps (``coarse`` None: ``fine`` only).  Returns
+    ``(state, last conjugates, outcome, coarse steps)``; the outcome joins both levels (histories
+    concatenated, the fine level's flags and message)."""
+    if coarse is None:
+        return (*iterate_se(sample=fine, init=init, max_iter=max_iter, tol=tol, **kw), 0)
+    state, last, first = iterate_se(sample=coarse, init=init, max_iter=max_iter,
+                                    tol=max(tol, COARSE_TOL), **kw)
+    n1 = first["n_iter"]
+    if first["diverged"] or n1 >= max_iter or n1 == 0:
+        return state, last, first, n1
+    state, last, second = iterate_se(sample=fine, init=state, max_iter=max_iter - n1, tol=tol, **kw)
+    history = {k: np.concatenate([first["history"][k], v]) for k, v in second["history"].items()}
+    outcome = dict(second, n_iter=n1 + second["n_iter"], history=history,
+                   message=f"{second['message']} (after {n1} steps on the coarse rule)")
+    return state, last, outcome, n1
+
+
 @_QUIET
 def state_evolution(alpha, T, teacher, channel, loss="cross_entropy", reg="nuclear", lam=0.05,
-                    beta=None, *, spectrum="exact", input_side="free", n_mc=100_000, n_draws=4,
+                    beta=None, *, spectrum="exact", input_side="free", n_mc=DEFAULT_N_MC, n_draws=4,
                     max_iter=200, tol=1e-8, damping="auto", seed=0, predictions=True,
                     callback=None, init=None, output_rule="auto", prox_start="global",
                     acceleration="anderson") -> SEResult:
@@ -322,11 +362,15 @@ def state_evolution(alpha, T, teacher, channel, loss="cross_entropy", reg="nucle
     channel : SoftmaxChannel / HardmaxChannel / LinearChannel (makes y from z*).
     loss, reg, lam, beta : the ERM of §4 (beta defaults to the softmax channel's).
     input_side : ``'free'`` or ``'finite'`` (needs a Teacher).
-    n_mc : node budget of the output side's Gaussian averages (losses without a closed form).
+    n_mc : node budget of the output side's Gaussian averages (losses without a closed form;
+        default :data:`~amp_attention.output_sample.DEFAULT_N_MC` = 4e5).
     output_rule : how the output side averages (:class:`~amp_attention.output_sample.OutputSample`):
-        ``'auto'`` (= ``'qmc'``: scrambled Sobol points with a fixed internal seed, in the
-        dimensions the factor depends on; deterministic and independent of ``seed``), ``'mc'``
-        (plain Monte Carlo with ``seed``, the historical rule) or ``'gauss_hermite'``.
+        ``'auto'`` (``'qmc'`` on two levels: first ``n_mc // 16`` nodes until the change is below
+        1e-5, then ``n_mc`` nodes from there to ``tol``; the fixed point is the full rule's, at
+        about the cost of 1e5 plain draws; docs/theory.md §7.1), ``'qmc'`` (scrambled Sobol points
+        with a fixed internal seed, in the dimensions the factor depends on; deterministic and
+        independent of ``seed``), ``'mc'`` (plain Monte Carlo with ``seed``, the historical rule)
+        or ``'gauss_hermite'``.
     seed : seeds the ``'mc'`` rule and the finite-d input side's GOE draws.
     prox_start : non-convex losses (``'softmax_square'``) only: ``'global'`` (default; the SE uses
         the global minimiser of the prox, as GAMP does) or ``'teacher'`` (the local minimiser
@@ -377,10 +421,12 @@ def state_evolution(alpha, T, teacher, channel, loss="cross_entropy", reg="nucle
     sample = OutputSample(alpha, T, Q, channel, n_mc=n_mc, seed=seed, method=output_rule)
     overlaps = _input_overlaps(denoiser, law, input_side, eig, n_draws, seed)
     m, q, V = _check_init(init, Q)
-    (m, q, V), (A_hat, a, Delta), outcome = iterate_se(
-        output, denoiser, sample, overlaps, init=(m, q, V), max_iter=max_iter, tol=tol,
-        damping=damping, callback=callback, change=_erm_change, what="the ERM state evolution",
-        acceleration=acceleration)
+    n_coarse = _coarse_budget(output, sample, output_rule, damping, callback)
+    coarse = None if n_coarse is None else OutputSample(alpha, T, Q, channel, n_mc=n_coarse, method="qmc")
+    (m, q, V), (A_hat, a, Delta), outcome, coarse_steps = _iterate_two_level(
+        coarse, sample, output=output, denoiser=denoiser, overlaps=overlaps, init=(m, q, V),
+        max_iter=max_iter, tol=tol, damping=damping, callback=callback, change=_erm_change,
+        what="the ERM state evolution", acceleration=acceleration)
     test_error = test_error_noisy = train_loss = train_objective = None
     if predictions and outcome["n_iter"]:
         def compute():  # (in this order: the 'mc' rule may draw as it goes)
@@ -395,7 +441,8 @@ def state_evolution(alpha, T, teacher, channel, loss="cross_entropy", reg="nucle
             test_error, test_error_noisy, train_loss, train_objective = pred.values()
     params = {"alpha": alpha, "T": T, "loss": loss, "reg": reg, "lam": lam, "beta": beta,
               "spectrum": spectrum, "input_side": input_side, "n_mc": n_mc, "output_rule": output_rule,
-              "prox_start": prox_start, "law": repr(law), "acceleration": acceleration}
+              "prox_start": prox_start, "law": repr(law), "acceleration": acceleration,
+              "coarse_n_mc": n_coarse, "coarse_steps": coarse_steps}
     return SEResult(m=m, q=q, V=V, mse=Q - 2 * m + q, Q=Q, test_error=test_error,
                     test_error_noisy=test_error_noisy, train_loss=train_loss,
                     train_objective=train_objective, a=a, Delta=Delta, A_hat=A_hat, params=params, **outcome)
@@ -409,7 +456,7 @@ def _bayes_change(old, new):
 
 @_QUIET
 def bayes_state_evolution(alpha, T, law, channel, max_iter=1000, tol=1e-10, damping="auto", *,
-                          q0=0.0, mse_floor=1e-12, callback=None, predictions=False, n_mc=100_000,
+                          q0=0.0, mse_floor=1e-12, callback=None, predictions=False, n_mc=DEFAULT_N_MC,
                           seed=0, output_rule="auto", acceleration="anderson") -> SEResult:
     """Bayes-optimal state evolution (docs/theory.md §7, "Bayes-optimal SE").
 

@@ -49,6 +49,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .output_sample import DEFAULT_N_MC
+
 __all__ = ["sweep", "KINDS", "PARAMETERS", "OUTPUT_COLUMNS", "point_seed", "read_sweep", "write_sweep",
            "progress_bar"]
 
@@ -61,9 +63,9 @@ _ERM = {"loss": "cross_entropy", "reg": "nuclear", "lam": 0.05}
 #: ``acceleration`` of the SE kinds: 'anderson' or 'none', the keyword ``acceleration=None``)
 PARAMETERS = {
     "se": {**_MODEL, **_ERM, "damping": "auto", "acceleration": "anderson", "max_iter": 200, "tol": 1e-8,
-           "n_mc": 100_000, "output_rule": "auto", "prox_start": "global", "d": 200},
+           "n_mc": DEFAULT_N_MC, "output_rule": "auto", "prox_start": "global", "d": 200},
     "bayes_se": {**_MODEL, "damping": "auto", "acceleration": "anderson", "max_iter": 1000, "tol": 1e-10,
-                 "n_mc": 100_000, "output_rule": "auto", "d": 200},
+                 "n_mc": DEFAULT_N_MC, "output_rule": "auto", "d": 200},
     "amp": {**_MODEL, **_ERM, "d": 100, "damping": "auto", "max_iter": 200, "tol": 1e-8,
             "variance": "sample", "n_test": 2000},
     "erm": {**_MODEL, **_ERM, "d": 100, "method": "lbfgs", "max_iter": 0, "tol": 1e-10, "n_test": 2000},

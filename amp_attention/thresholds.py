@@ -51,7 +51,7 @@ from ._validation import check_nonnegative, check_positive, check_T
 from .loop import ConvergenceWarning, check_callback
 from .losses import make_loss
 from .model import as_spectral_law, check_channel
-from .output_sample import OutputSample
+from .output_sample import DEFAULT_N_MC, OutputSample
 from .se import bayes_state_evolution, state_evolution
 from .whitening import n_pairs
 
@@ -450,7 +450,7 @@ def interpolation_threshold(T, teacher, channel, loss="square", reg="frobenius",
     law = as_spectral_law(teacher, se_kwargs.get("spectrum", "exact"))
     beta = se_kwargs.get("beta")
     output = make_loss(loss, getattr(channel, "beta", 1.0) if beta is None else beta)
-    sample = OutputSample(bracket[0], T, law.Q, check_channel(channel), n_mc=se_kwargs.get("n_mc", 100_000),
+    sample = OutputSample(bracket[0], T, law.Q, check_channel(channel), n_mc=se_kwargs.get("n_mc", DEFAULT_N_MC),
                           seed=se_kwargs.get("seed", 0), method=se_kwargs.get("output_rule", "auto"))
     try:
         floor = output.se_loss_floor(sample)
