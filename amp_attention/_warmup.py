@@ -5,7 +5,7 @@ iterations on a tiny problem (32 samples) with the same T, loss, regulariser, ch
 path as the real run, so that the per-iteration times printed afterwards exclude compilation.
 
 On a cold cache most of that time is Numba compiling, one kernel after another (the
-cross-entropy prox alone is ~25 s).  For the losses with a compiled prox, the prox is compiled in
+cross-entropy prox alone is ~10 s).  For the losses with a compiled prox, the prox is compiled in
 a second (spawned) process while this one compiles the operator and denoiser kernels; this
 process then loads the prox from Numba's on-disk cache instead of compiling it again.  If the
 second process cannot start or fails, nothing is lost: this process compiles the prox itself.
