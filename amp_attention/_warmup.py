@@ -4,7 +4,7 @@ Private helper of :mod:`amp_attention.cli`.  :func:`warm_up` runs a copy of the 
 iterations on a tiny problem (32 samples) with the same T, loss, regulariser, channel and adjoint
 path as the real run, so that the per-iteration times printed afterwards exclude compilation.
 
-On a cold cache most of a first run is Numba compiling, one kernel after another (~30 s of CPU
+On a cold cache most of a first run is Numba compiling, one kernel after another (~25 s of CPU
 for the default run; the cross-entropy prox alone ~10 s).  The work is split over two processes:
 for the losses with a compiled prox, :func:`start_output_side` starts a second (spawned) process
 that compiles the output side (the prox with GAMP's Jacobian trace, the loss value, the per-sample
