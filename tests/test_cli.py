@@ -193,8 +193,8 @@ def test_warm_up_compiles_in_a_second_process_only_for_heavy_losses():
     import amp_attention as aa
     from amp_attention import _warmup
 
-    assert _warmup._start_output_side(aa.ERMAttention(loss="square"), 2) is None
-    assert _warmup._start_output_side(aa.BayesAttention(aa.SoftmaxChannel(1.0), aa.SpectralLaw.wishart(0.5)), 2) is None
+    assert _warmup.start_output_side(aa.ERMAttention(loss="square"), 2) is None
+    assert _warmup.start_output_side(aa.BayesAttention(aa.SoftmaxChannel(1.0), aa.SpectralLaw.wishart(0.5)), 2) is None
     _warmup._compile_output_side("cross_entropy", 1.0, 2)
     t = _warmup.warm_up(aa.ERMAttention(loss="square", reg="frobenius"), 2, 10, aa.LinearChannel(0.1))
     assert t > 0

@@ -6,14 +6,18 @@ kernels in ``tests/test_losses.py``; the NumPy value/gradient/Hessian also serve
 ``CrossEntropyLoss.value``/``grad_z``/``hess_z``); ``run_name`` builds the index maps and output
 arrays and calls the kernel ``name``.  Kernels and twins: ``ce_value`` / ``ce_value_numpy``;
 ``ce_derivs`` (value, gradient and Hessian) / ``ce_value_numpy``, ``ce_grad_numpy``,
-``ce_hess_numpy``; ``ce_prox`` / ``ce_prox_numpy``; the inline per-sample helpers
-(``ce_softmax_rows``, ``ce_sample``, ...) have no twin (``ce_softmax_parts_numpy`` is the NumPy
-row softmax).  The Cholesky factorisation and triangular solves are the inline kernels of
-:mod:`amp_attention.losses._linalg`.
+``ce_hess_numpy``; ``ce_prox`` with ``ce_jacobian_full`` / ``ce_prox_numpy``; the inline
+per-sample helpers (``ce_softmax_rows``, ``ce_sample``, ...) have no twin
+(``ce_softmax_parts_numpy`` is the NumPy row softmax).  The Cholesky factorisation and triangular
+solves are the inline kernels of :mod:`amp_attention.losses._linalg`.
 
-:func:`ce_prox` (per-sample damped Newton, parallel over samples) is compiled separately for each
-T (``kshape``/``tshape`` tuples, see its docstring), so that all per-sample loops have fixed
-lengths.
+:func:`ce_prox` (per-sample damped Newton, parallel over samples, with GAMP's Jacobian trace) is
+compiled separately for each T (``kshape``/``tshape`` tuples, see its docstring), so that all
+per-sample loops have fixed lengths.  The full Jacobian (``g_out(..., jacobian="full")`` and its
+trace for a matrix V) is a second kernel, :func:`ce_jacobian_full`, run at the prox: a run that does
+not need it (GAMP, the state evolution) does not compile it.  Compilation on a cold cache, T = 2:
+~10 s for ``ce_prox``, ~5 s more for ``ce_jacobian_full`` (one ``prange`` kernel holding both
+took ~25 s).
 
 Jacobians: GAMP (and the scalar-``V`` trace mode) needs only ``Tr(V dg) = Tr(N^{-1} H)`` with
 ``N = V^{-1} + H`` at the solution.  It is computed from the Cholesky factor ``N = C C^T`` as
@@ -31,7 +35,7 @@ import numpy as np
 from numba import njit, prange
 
 from ..whitening import n_pairs, pair_indices, pair_maps, unwhiten
-from ._linalg import backward, chol_solve, cholesky_inplace, cholesky_recip, forward
+from ._linalg import backward, chol_solve, cholesky_inplace, cholesky_recip, forward, stack_empty, unmanaged
 
 
 DEFAULT_TOL = 1e-11
@@ -573,7 +577,7 @@ def ce_sample(
     return status, nit
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def ce_jacobian(Li, diag, hess, HL, B, M, X, col, tmp, dg):
     """``dg = H (I + V H)^{-1} = L^{-T} B M^{-1} L^{-1}`` (B = L^T H L, M = I + B), symmetrised.
 
@@ -664,112 +668,144 @@ def ce_jacobian_trace(Wj, wscale, diag, hess, beta, kidx, cc, S, C, dinv, X, bro
 # --------------------------------------------------------------------------------------------
 
 
+@njit(cache=True, error_model="numpy")
+def ce_prox_chunk(
+    start, stop, y, omega, z0, V, W, diag, vscale, beta, kidx, cc, tol, max_newton, trace,
+    p, g, dgtr, iterations, status, kshape, tshape,
+):
+    """Samples ``start:stop`` of :func:`ce_prox`, one after the other.
+
+    The work arrays are on the stack (:func:`~amp_attention.losses._linalg.stack_empty`) and the
+    arguments are used through views without a reference count
+    (:func:`~amp_attention.losses._linalg.unmanaged`): the inline helpers then copy no reference
+    counts per call (atomic operations that made this function ~1.2x slower than the same code in
+    a ``prange`` body, whose compilation removes most of them but costs ~10 s more).
+    """
+    y, omega, z0, V, W = unmanaged(y), unmanaged(omega), unmanaged(z0), unmanaged(V), unmanaged(W)
+    kidx, cc, p, g = unmanaged(kidx), unmanaged(cc), unmanaged(p), unmanaged(g)
+    K = len(kshape)
+    T = len(tshape)
+    nV = V.shape[0]
+    wscale = 1.0 / vscale
+    z, grad, dinv = stack_empty(kshape, ()), stack_empty(kshape, ()), stack_empty(kshape, ())
+    q, F, dz = stack_empty(kshape, ()), stack_empty(kshape, ()), stack_empty(kshape, ())
+    zt, tmp, brow = stack_empty(kshape, ()), stack_empty(kshape, ()), stack_empty(kshape, ())  # brow: >= T
+    hess, C, Ci = stack_empty(kshape, kshape), stack_empty(kshape, kshape), stack_empty(kshape, kshape)
+    S = stack_empty(tshape, tshape)
+    for a in range(K):
+        for b in range(a + 1, K):
+            Ci[a, b] = 0.0  # strict upper triangle stays zero (see ce_jacobian_trace)
+    vnorm = 0.0
+    for i in range(start, stop):
+        j = i if nV > 1 else 0
+        Vj = V[j]
+        Wj = W[j]
+        if i == start or nV > 1:
+            vnorm = 0.0  # ||V||_inf
+            for a in range(K):
+                if diag:
+                    s = abs(Vj[a, a])
+                else:
+                    s = 0.0
+                    for b in range(K):
+                        s += abs(Vj[a, b])
+                if s > vnorm:
+                    vnorm = s
+            vnorm *= vscale
+        for a in range(K):
+            z[a] = z0[i, a]
+        st, nit = ce_sample(
+            y[i], omega[i], z, Vj, vscale, Wj, wscale, vnorm, diag, beta, kidx, cc, tol,
+            max_newton, grad, hess, C, dinv, q, F, dz, zt, tmp, brow, S,
+        )
+        for a in range(K):
+            p[i, a] = z[a]
+            g[i, a] = -grad[a]
+        if trace:
+            tr, ok = ce_jacobian_trace(Wj, wscale, diag, hess, beta, kidx, cc, S, C, dinv, Ci, brow)
+            if not ok and st < MAX_ITER:
+                st = NONFINITE
+            dgtr[i] = tr * wscale
+        iterations[i] = nit
+        status[i] = st
+
+
 @njit(cache=True, parallel=True)
 def ce_prox(
-    y, omega, z0, V, W, L, diag, vscale, beta, kidx, cc, tol, max_newton, jac_mode, nchunk,
-    p, g, dg, dgtr, iterations, status, kshape, tshape,
+    y, omega, z0, V, W, diag, vscale, beta, kidx, cc, tol, max_newton, trace, nchunk,
+    p, g, dgtr, iterations, status, kshape, tshape,
 ):
-    """Per-sample cross-entropy prox, ``g`` and Jacobian (Numba, parallel over samples).
+    """Per-sample cross-entropy prox, ``g`` and (if ``trace``) the Jacobian trace ``Tr(Gamma dg)``
+    (Numba, parallel over samples).
 
-    y (n, T, T), omega/z0 (n, K), V/W/L (nV, K, K) with nV in {1, n}: ``W = V^{-1}`` and ``L``
-    the Cholesky factor of V (read only for jac_mode 1, 2).  The variance used is
-    ``vscale * V`` (inverse ``W / vscale``, factor ``sqrt(vscale) L``), so that GAMP's
-    ``V^t Gamma_mu`` reuses one inversion of Gamma.  ``diag``: every V is diagonal (then only the
-    diagonals of V, W, L are read).  jac_mode: 0 = no Jacobian, 1 = full into dg (n, K, K),
-    2 = trace into dgtr (n,), 3 = ``Tr(V_mu dg_mu) / vscale`` (i.e. ``Tr(Gamma_mu dg_mu)``)
-    into dgtr.  Outputs p, g (n, K), iterations, status (n,).  docs/theory.md §5.
+    y (n, T, T), omega/z0 (n, K), V/W (nV, K, K) with nV in {1, n}, ``W = V^{-1}``.  The variance
+    used is ``vscale * V`` (inverse ``W / vscale``), so that GAMP's ``V^t Gamma_mu`` reuses one
+    inversion of Gamma.  ``diag``: every V is diagonal (then only the diagonals of V and W are
+    read).  ``trace``: write ``Tr(V_mu dg_mu) / vscale`` (i.e. ``Tr(Gamma_mu dg_mu)``) into dgtr
+    (n,).  Outputs p, g (n, K), iterations, status (n,).  The full Jacobian is
+    :func:`ce_jacobian_full`, a second pass at ``p``.  docs/theory.md §5.
 
     ``kshape``/``tshape`` are tuples of lengths K and T: ``len()`` of a tuple is a compile-time
     constant, so each T gets its own compiled (and cached) specialisation in which every
     per-sample loop over K or T has a fixed trip count (~1.7x faster at T = 3 than loops of
-    unknown length).  The per-sample work stays inside the ``prange`` body: moved into a
-    separate serial function it ran ~1.5x slower (apparently reference-count traffic on the
-    work arrays, which the parallel pipeline prunes).
+    unknown length).  The ``prange`` loop runs over ``nchunk`` blocks of samples, each a call of
+    :func:`ce_prox_chunk`: the parallel compilation pipeline then handles a small loop body (the
+    per-sample solver inlined into the ``prange`` body took ~2x longer to compile).
     """
     n = omega.shape[0]
+    for ch in prange(nchunk):
+        ce_prox_chunk(
+            (ch * n) // nchunk, ((ch + 1) * n) // nchunk, y, omega, z0, V, W, diag, vscale, beta,
+            kidx, cc, tol, max_newton, trace, p, g, dgtr, iterations, status, kshape, tshape,
+        )
+
+
+@njit(cache=True, parallel=True)
+def ce_jacobian_full(y, p, L, diag, vscale, beta, kidx, cc, full, nchunk, dg, dgtr, status, kshape, tshape):
+    """Jacobian ``dg = H (I + V H)^{-1}`` at the prox ``p`` of :func:`ce_prox` (Numba, parallel
+    over samples), into dg (n, K, K) if ``full``, else its trace into dgtr (n,).
+
+    ``L`` (nV, K, K): the Cholesky factor of V (the variance is ``vscale * V``; only its diagonal is
+    read if ``diag``).  ``H`` is recomputed at ``p`` (bit for bit the Hessian at the end of the
+    Newton solve).  A sample whose ``I + B`` is not numerically positive definite gets status
+    ``NONFINITE`` unless it already failed.
+    """
+    n = p.shape[0]
     K = len(kshape)
     T = len(tshape)
-    nV = V.shape[0]
+    nV = L.shape[0]
     lscale = np.sqrt(vscale)
-    wscale = 1.0 / vscale
-    need_L = jac_mode == 1 or jac_mode == 2
     for ch in prange(nchunk):
-        start = (ch * n) // nchunk
-        stop = ((ch + 1) * n) // nchunk
-        z = np.empty(K)
         grad = np.empty(K)
         hess = np.empty((K, K))
-        C = np.empty((K, K))
-        dinv = np.empty(K)
-        Ci = np.empty((K, K))
-        for a in range(K):
-            for b in range(a + 1, K):
-                Ci[a, b] = 0.0  # strict upper triangle stays zero (see ce_jacobian_trace)
+        Li = np.empty((K, K))
         HL = np.empty((K, K))
         B = np.empty((K, K))
         M = np.empty((K, K))
         X = np.empty((K, K))
         D = np.empty((K, K))
-        q = np.empty(K)
-        F = np.empty(K)
-        dz = np.empty(K)
-        zt = np.empty(K)
+        col = np.empty(K)
         tmp = np.empty(K)
-        brow = np.empty(K)  # >= T; softmax workspace
         S = np.empty((T, T))
-        Li = np.empty((K, K))
-        vnorm = 0.0
-        for i in range(start, stop):
+        for i in range((ch * n) // nchunk, ((ch + 1) * n) // nchunk):
             j = i if nV > 1 else 0
-            Vj = V[j]
-            Wj = W[j]
-            if i == start or nV > 1:
-                vnorm = 0.0  # ||V||_inf
+            for a in range(K):
+                for b in range(K):
+                    Li[a, b] = lscale * L[j, a, b]
+            ce_softmax_rows(p[i], beta, kidx, cc, tmp, S, False)
+            ce_derivs_from_softmax(y[i], beta, kidx, cc, S, grad, hess)
+            ok = ce_jacobian(Li, diag, hess, HL, B, M, X, col, tmp, D)
+            if not ok and status[i] < MAX_ITER:
+                status[i] = NONFINITE
+            if full:
                 for a in range(K):
-                    if diag:
-                        s = abs(Vj[a, a])
-                    else:
-                        s = 0.0
-                        for b in range(K):
-                            s += abs(Vj[a, b])
-                    if s > vnorm:
-                        vnorm = s
-                vnorm *= vscale
-                if need_L:
-                    for a in range(K):
-                        for b in range(K):
-                            Li[a, b] = lscale * L[j, a, b]
-            for a in range(K):
-                z[a] = z0[i, a]
-            st, nit = ce_sample(
-                y[i], omega[i], z, Vj, vscale, Wj, wscale, vnorm, diag, beta, kidx, cc, tol,
-                max_newton, grad, hess, C, dinv, q, F, dz, zt, tmp, brow, S,
-            )
-            for a in range(K):
-                p[i, a] = z[a]
-                g[i, a] = -grad[a]
-            if jac_mode == 3:
-                tr, ok = ce_jacobian_trace(
-                    Wj, wscale, diag, hess, beta, kidx, cc, S, C, dinv, Ci, brow
-                )
-                if not ok and st < MAX_ITER:
-                    st = NONFINITE
-                dgtr[i] = tr * wscale
-            elif jac_mode != 0:
-                ok = ce_jacobian(Li, diag, hess, HL, B, M, X, q, tmp, D)
-                if not ok and st < MAX_ITER:
-                    st = NONFINITE
-                if jac_mode == 1:
-                    for a in range(K):
-                        for b in range(K):
-                            dg[i, a, b] = D[a, b]
-                else:
-                    s = 0.0
-                    for a in range(K):
-                        s += D[a, a]
-                    dgtr[i] = s
-            iterations[i] = nit
-            status[i] = st
+                    for b in range(K):
+                        dg[i, a, b] = D[a, b]
+            else:
+                s = 0.0
+                for a in range(K):
+                    s += D[a, a]
+                dgtr[i] = s
 
 
 def ce_prox_numpy(y, omega, V, beta, p0=None, tol=DEFAULT_TOL, max_newton=DEFAULT_MAX_NEWTON):

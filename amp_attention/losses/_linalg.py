@@ -4,7 +4,8 @@ Cholesky factorisation and triangular solves of one ``K x K`` system (``K <= 36`
 plain loops so that they inline into the per-sample kernels of the loss kernel modules (e.g.
 :mod:`amp_attention.losses._cross_entropy_kernels`; ``inline="always"``: no call overhead, fixed
 trip counts once K is a compile-time constant).  Only the lower triangle of a factor is read or
-written.
+written.  Also two intrinsics for the per-sample kernels' arrays: :func:`stack_empty` (work arrays
+on the stack) and :func:`unmanaged` (views without a reference count); see the section at the end.
 
 Numba's on-disk cache of a kernel is keyed by the file that defines it, not by the files of the
 functions it inlines: after editing this module, delete the cached kernels of the modules that
@@ -15,9 +16,12 @@ so that the kernels are recompiled with the new code.
 from __future__ import annotations
 
 import numpy as np
-from numba import njit
+from numba import njit, types
+from numba.core import cgutils
+from numba.extending import intrinsic
+from numba.np.arrayobj import populate_array
 
-__all__ = ["cholesky_recip", "cholesky_inplace", "chol_solve", "forward", "backward"]
+__all__ = ["cholesky_recip", "cholesky_inplace", "chol_solve", "forward", "backward", "stack_empty", "unmanaged"]
 
 
 @njit(cache=True, inline="always")
@@ -89,3 +93,56 @@ def backward(L, diag, b, out):
             for m in range(i + 1, K):
                 s -= L[m, i] * out[m]
         out[i] = s / L[i, i]
+
+
+# --------------------------------------------------------------------------------------------
+# Work arrays without reference counting
+# --------------------------------------------------------------------------------------------
+#
+# Every array variable that an inline helper receives is a new reference: one atomic increment and
+# decrement of the array's reference count per call, which in a per-sample solver called ~10^5
+# times per Newton loop is a ~20% slowdown (Numba's parallel pipeline removes most of them, at a
+# large compilation cost).  Arrays whose "meminfo" is NULL have no reference count: these two
+# intrinsics make such arrays.
+
+
+@intrinsic
+def stack_empty(typingctx, rows, cols):
+    """Uninitialised float64 array of shape ``(len(rows), len(cols))`` (``(len(rows),)`` if ``cols``
+    is ``()``) on the stack of the compiled function that calls it; ``rows``/``cols`` are tuples,
+    whose lengths are compile-time constants.
+
+    The array lives as long as that function's frame: call this only in the kernel that uses the
+    array (or in an ``inline="always"`` helper of it), never in a function that returns it.
+    """
+    n0, n1 = len(rows), len(cols)
+    shape = (n0,) if n1 == 0 else (n0, n1)
+    aryty = types.Array(types.float64, len(shape), "C")
+
+    def codegen(context, builder, sig, args):
+        intp = context.get_value_type(types.intp)
+        data = cgutils.alloca_once(builder, context.get_value_type(types.float64), size=n0 * max(n1, 1))
+        ary = context.make_array(aryty)(context, builder)
+        populate_array(ary, data=data, shape=[intp(m) for m in shape],
+                       strides=[intp(8)] if n1 == 0 else [intp(8 * n1), intp(8)], itemsize=intp(8),
+                       meminfo=None)
+        return ary._getvalue()
+
+    return aryty(rows, cols), codegen
+
+
+@intrinsic
+def unmanaged(typingctx, arr):
+    """View of the array ``arr`` without a reference count (same type, data, shape and strides).
+
+    Valid while ``arr`` is alive: use it on the arguments of a kernel (their owner, the caller,
+    keeps them alive during the call), not on arrays the kernel allocates and then drops."""
+
+    def codegen(context, builder, sig, args):
+        ary = context.make_array(arr)(context, builder, args[0])
+        out = context.make_array(arr)(context, builder)
+        populate_array(out, data=ary.data, shape=ary.shape, strides=ary.strides, itemsize=ary.itemsize,
+                       meminfo=None)
+        return out._getvalue()
+
+    return arr(arr), codegen

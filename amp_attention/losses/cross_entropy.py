@@ -47,6 +47,7 @@ from ._cross_entropy_kernels import (
     DEFAULT_TOL,
     ce_grad_numpy,
     ce_hess_numpy,
+    ce_jacobian_full,
     ce_prox,
     ce_softmax_parts_numpy,
     run_ce_value,
@@ -80,13 +81,16 @@ def _ce_run(y, omega, V, beta, p0, tol, max_newton, jac_mode, vscale=1.0):
         diag = bool(np.all(Vs[:, ~np.eye(K, dtype=bool)] == 0.0))
     z0 = omega if p0 is None else check_z(p0, "p0", y)
     kidx, cc = pair_maps(y.shape[1])
+    kshape, tshape = (0,) * K, (0,) * y.shape[1]
     b = prox_buffers(n, K, jac_mode)
     p, g, dg, dgtr, iterations, status = b["p"], b["g"], b["dg"], b["dgtr"], b["iterations"], b["status"]
     ce_prox(
-        y, omega, z0, Vs, W, L, diag, float(vscale), float(beta), kidx, cc, float(tol),
-        int(max_newton), int(jac_mode), b["nchunk"], p, g, dg, dgtr, iterations, status,
-        (0,) * K, (0,) * y.shape[1],
+        y, omega, z0, Vs, W, diag, float(vscale), float(beta), kidx, cc, float(tol), int(max_newton),
+        jac_mode == 3, b["nchunk"], p, g, dgtr, iterations, status, kshape, tshape,
     )
+    if jac_mode in (1, 2):
+        ce_jacobian_full(y, p, L, diag, float(vscale), float(beta), kidx, cc, jac_mode == 1, b["nchunk"], dg, dgtr,
+                         status, kshape, tshape)
     converged = status <= CONVERGED_STEP
     info = {
         "n_iter": int(iterations.max()),
