@@ -119,9 +119,10 @@ def gamp(
         ``0 <= damping < 1`` (``S <- (1 - damping) S_new + damping S_old``, same for V), or a
         schedule (one value per iteration).  Damping never changes a fixed point;
         ``history['damping']`` records the value used at each iteration.
-    tol : stop when the relative step ``||S^{t+1} - S^t||_F / ||S^{t+1}||_F`` and the relative change
-        of the variance ``|V^{t+1} - V^t| / V^{t+1}`` are both ``< tol`` (a ``V`` still drifting, e.g.
-        running away, is not a fixed point); ``tol = 0`` runs exactly ``max_iter`` iterations.  With float32 tokens a tol below
+    tol : stop when the relative step ``||S^{t+1} - S^t||_F / ||S^{t+1}||_F`` and the change of the
+        variance ``|V^{t+1} - V^t| / max(V^{t+1}, V0)`` are both ``< tol`` (a ``V`` still drifting,
+        e.g. running away, is not a fixed point; one decaying to 0 is measured against ``V0``);
+        ``tol = 0`` runs exactly ``max_iter`` iterations.  With float32 tokens a tol below
         :data:`FLOAT32_TOL` = 1e-6 is raised to it (the step stalls near 1e-7 there).
     S_star : optional teacher matrix, to record ``m`` and ``mse`` per iteration.
     callback : optional ``callback(t, S, history)`` called after every iteration; returning True stops.
@@ -206,7 +207,9 @@ def _gamp_loop(op, gram, y, loss, denoiser, loop, V0, S_star):
             break
         norm = max(float(np.linalg.norm(S_new)), 1e-300)
         step = float(np.linalg.norm(S_new - S)) / norm
-        change = max(step, abs(V_new - V) / max(abs(V_new), 1e-300))  # V must settle too
+        # V must settle too (relative to max(V, V0): a V that runs away is not converged; one that
+        # decays to 0 geometrically, as in Bayes perfect recovery, is once its change is below tol V0)
+        change = max(step, abs(V_new - V) / max(abs(V_new), V0, 1e-300))
         S, V, g_prev = S_new, V_new, g
         if loop.last_damping == 0.0 and F is not None and F.shape[1] < d:  # S = F F^T unless mixed
             z = op.forward_factored(F, check=False)  # sigma = ones: S = F F^T
