@@ -544,8 +544,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_options(p)
     p.add_argument("--iters", type=_positive_int, default=50, help="maximum AMP iterations")
     p.add_argument("--tol", type=_nonneg_float, default=1e-8, help="AMP tolerance (0: run all iterations)")
-    p.add_argument("--n-mc", dest="n_mc", type=opt.n_mc, default=DEFAULT_N_MC,
-                   help="node budget of the SE output side's Gaussian averages")
+    p.add_argument("--n-mc", dest="n_mc", type=opt.n_mc, default=100_000,
+                   help="node budget of the SE output side (the SE replays AMP's damping step by step, "
+                        "one level; its finite-d comparison needs less than the fixed points of 'se')")
     p.add_argument("--output-rule", dest="output_rule", choices=["auto", "qmc", "mc", "gauss_hermite"],
                    default="auto", help="SE output-side rule: 'auto' = quasi-Monte Carlo, seed-independent")
     p.add_argument("--variance", choices=["sample", "scalar"], default="sample",
