@@ -337,7 +337,9 @@ def _iterate_two_level(coarse, fine, *, init, max_iter, tol, **kw):
     state, last, first = iterate_se(sample=coarse, init=init, max_iter=max_iter,
                                     tol=max(tol, COARSE_TOL), **kw)
     n1 = first["n_iter"]
-    if first["diverged"] or n1 >= max_iter or n1 == 0:
+    if first["diverged"]:  # (the coarse rule's own trouble must not decide): one level from init
+        return (*iterate_se(sample=fine, init=init, max_iter=max_iter, tol=tol, **kw), 0)
+    if n1 >= max_iter or n1 == 0:
         return state, last, first, n1
     state, last, second = iterate_se(sample=fine, init=state, max_iter=max_iter - n1, tol=tol, **kw)
     history = {k: np.concatenate([first["history"][k], v]) for k, v in second["history"].items()}
@@ -367,7 +369,9 @@ def state_evolution(alpha, T, teacher, channel, loss="cross_entropy", reg="nucle
     output_rule : how the output side averages (:class:`~amp_attention.output_sample.OutputSample`):
         ``'auto'`` (``'qmc'`` on two levels: first ``n_mc // 16`` nodes until the change is below
         1e-5, then ``n_mc`` nodes from there to ``tol``; the fixed point is the full rule's, at
-        about the cost of 1e5 plain draws; docs/theory.md §7.1), ``'qmc'`` (scrambled Sobol points
+        about the cost of 1e5 plain draws; one level under a damping schedule, with a callback, for
+        closed-form losses, or below 4096 coarse nodes; ``params['coarse_n_mc']`` and
+        ``params['coarse_steps']`` report it; docs/theory.md §7.1), ``'qmc'`` (scrambled Sobol points
         with a fixed internal seed, in the dimensions the factor depends on; deterministic and
         independent of ``seed``), ``'mc'`` (plain Monte Carlo with ``seed``, the historical rule)
         or ``'gauss_hermite'``.

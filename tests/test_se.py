@@ -245,3 +245,35 @@ def test_small_alpha_fixed_point_does_not_depend_on_the_node_budget():
     a, b = runs
     for k, bound in (("m", 1e-4), ("q", 1e-4), ("test_error", 1e-4), ("V", 2e-4)):
         assert abs(getattr(a, k) - getattr(b, k)) <= bound, (k, getattr(a, k), getattr(b, k))
+
+
+def test_two_level_rule_falls_back_to_one_level_when_the_coarse_level_fails(monkeypatch):
+    """A coarse level that fails (here: its output side raises) must not decide the result: the SE
+    reruns on the full rule from the start, as one-level 'qmc' would."""
+    import amp_attention.se as se_module
+
+    real = se_module.make_loss
+
+    def failing_on_coarse(name, *args, **kw):
+        loss = real(name, *args, **kw)
+        base = type(loss)
+
+        class CoarseFails(base):  # the generic se_conjugates stays (the coarse level applies)
+            def _se_g_out(self, y, *args):
+                if len(y) < 10_000:
+                    raise FloatingPointError("coarse rule failure (test)")
+                return base._se_g_out(self, y, *args)
+
+        loss.__class__ = CoarseFails
+        return loss
+
+    law = aa.SpectralLaw.wishart(0.5)
+    kw = dict(n_mc=65_536, tol=1e-10, max_iter=300, predictions=False)
+    ref = state_evolution(0.5, 2, law, aa.SoftmaxChannel(1.0), "cross_entropy", "nuclear", 0.01,
+                          output_rule="qmc", **kw)
+    monkeypatch.setattr(se_module, "make_loss", failing_on_coarse)
+    got = state_evolution(0.5, 2, law, aa.SoftmaxChannel(1.0), "cross_entropy", "nuclear", 0.01, **kw)
+    assert got.params["coarse_n_mc"] == 4096  # the coarse level was tried ...
+    assert got.converged and not got.diverged and got.params["coarse_steps"] == 0  # ... and dropped
+    for k in "mqV":
+        assert abs(getattr(got, k) - getattr(ref, k)) <= 1e-8 * max(1.0, abs(getattr(ref, k))), k
