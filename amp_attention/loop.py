@@ -30,9 +30,9 @@ matrix ``S``), through ``cos = cos(u_t, u_{t-1})`` and ``ratio = |u_t| / |u_{t-1
 overshoots, as in a period-2 cycle) or grow while turning (``ratio > 1.05`` and ``cos < 0.5``).
 The step size is halved (down to ``theta_min = 1/64``) when at least 3 of the last 6 steps were
 bad (then the window restarts), and grows back by 10% per iteration while at most one of them was
-(not the current one) and the update shrinks.  The vote over a window makes the rule insensitive to isolated jumps of
-the map (e.g. the rank of a nuclear-norm prox changing by one), which a step-by-step rule mistook
-for oscillation, driving the step size to its floor.  A contracting iteration therefore stays
+(not the current one) and the update shrinks.  The vote over a window makes the rule insensitive
+to isolated jumps of the map (e.g. the rank of a nuclear-norm prox changing by one), which a
+step-by-step rule mistook for oscillation, driving the step size to its floor.  A contracting iteration therefore stays
 undamped even when its first updates overshoot, and growth along a steady direction (an iteration
 leaving a plateau) is left alone: damping cannot cure a monotone instability and would only slow
 the escape.  A step size stuck at ``theta_min`` for 25 iterations (chatter across a discontinuity
