@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 
@@ -104,6 +105,16 @@ class SEResult:
 BayesSEResult = SEResult  # the Bayes-optimal SE returns the same result type
 
 
+class _Step(NamedTuple):
+    """One step of :func:`iterate_se`: the state it started from, the map's raw value there, the
+    plain damped step, and whether the next state was reached otherwise (an accelerated step)."""
+
+    old: tuple
+    raw: tuple
+    plain: tuple
+    off_path: bool
+
+
 @_QUIET
 def iterate_se(output, denoiser, sample, overlaps, *, init, max_iter, tol, damping, callback,
                change, mse_floor=None, what="the state evolution", acceleration="anderson"):
@@ -135,9 +146,7 @@ def iterate_se(output, denoiser, sample, overlaps, *, init, max_iter, tol, dampi
     loop = Loop(SE_HISTORY_KEYS, max_iter=max_iter, tol=tol, damping=damping, callback=callback, unit="step")
     accel = Anderson() if _check_acceleration(acceleration, damping) else None
     last = (None, None, None)
-    # (previous state, its raw update target, its plain step, whether the state after it was reached
-    # otherwise than by that plain step): where a retry restarts from
-    prev = None
+    prev = None  # the last _Step: where a retry restarts from
 
     def evaluate(m, q, V, t):
         """One SE map evaluation; returns (conjugates, raw new state) or an error message."""
@@ -159,14 +168,15 @@ def iterate_se(output, denoiser, sample, overlaps, *, init, max_iter, tol, dampi
         t0 = time.perf_counter()
         res = evaluate(*state, t)
         recorded = state  # the last state in the history
-        if isinstance(res, str) and accel is not None and prev is not None and prev[3] and state != prev[2]:
+        if isinstance(res, str) and accel is not None and prev is not None and prev.off_path \
+                and state != prev.plain:
             accel.reset()                # an accelerated state failed: take the plain step instead
-            state, prev = prev[2], prev[:3] + (False,)
+            state, prev = prev.plain, prev._replace(off_path=False)
             res = evaluate(*state, t)
         while isinstance(res, str) and prev is not None and loop.backtrack():
             if accel is not None:
                 accel.reset()
-            old, raw_old = prev[:2]      # retry the last update with a quarter of the step
+            old, raw_old = prev.old, prev.raw  # retry the last update with a quarter of the step
             state = tuple((1 - loop.current_damping()) * r + loop.current_damping() * o
                           for r, o in zip(raw_old, old))
             res = evaluate(*state, t)
@@ -176,18 +186,18 @@ def iterate_se(output, denoiser, sample, overlaps, *, init, max_iter, tol, dampi
             break
         (A_hat, m_hat, q_hat, err, a, Delta), raw = res
         # the adaptive damping learns only from consecutive states linked by a plain damped step
-        new = tuple(float(v) for v in loop.update(raw, state, adapt=not (prev and prev[3])))
+        new = tuple(float(v) for v in loop.update(raw, state, adapt=not (prev and prev.off_path)))
         if not all(np.isfinite(v) for v in new):
             loop.diverge(f"step {t}: non-finite order parameters; kept the last finite ones")
             break
-        delta, step, used = change(state, new), (state, raw, new, False), 0
+        delta, step, used = change(state, new), _Step(state, raw, new, False), 0
         if accel is not None:
             proposal, used = accel.propose(state, raw, 1.0 - loop.last_damping,
                                            accept=lambda x: _in_domain(*x, Q))
             if accel.retreated:  # undo the last accelerated step: the plain step from the state before it
-                step, used = (prev[0], prev[1], tuple(float(v) for v in proposal), True), -1
+                step, used = _Step(prev.old, prev.raw, tuple(float(v) for v in proposal), True), -1
             elif proposal is not None:
-                step = (state, raw, new, True)
+                step = _Step(state, raw, new, True)
             if proposal is not None:
                 new = tuple(float(v) for v in proposal)
                 delta = max(delta, change(state, new))
