@@ -24,6 +24,18 @@ the accelerated iteration has a vanishing residual, ``G(x) = x``.  Acceleration 
 path (and, where ``G`` has several fixed points, possibly which one a given start reaches, as any
 change of step does), never the equations that define a fixed point.
 
+**Preconditioning.**  Given a matrix ``M`` that approximates ``(I - G'(x))^{-1}`` (e.g. the inverse
+of ``I - J`` with ``J`` the Jacobian of a nearby map: the coarse level of the SE's two-level rule,
+docs/theory.md §7.3), ``theta I`` above is replaced by ``M``:
+
+    x_{k+1} = x_k + M f_k - (dX + M dF) gamma,
+
+and with no difference in memory the proposal is the chord step ``x_k + M f_k`` (Newton's step
+with a fixed Jacobian).  The fixed points are again unchanged (``f_k = 0`` gives no step).  A
+preconditioned step that the first safeguard below undoes drops ``M`` for good (the mixing goes on
+with ``theta I``): where ``M`` is poor (a map too rough for its Jacobian), retrying it would only
+add undone steps.
+
 Safeguards.  A new residual ``||W f||`` (``W`` of the new iterate) is compared with the previous
 iterate's, measured both in the same weights and relative to its own scale, the smaller of the two
 (in the SE near the interpolation peak, either alone let accelerated steps pass that only moved
@@ -76,6 +88,10 @@ class Anderson:
     rcond : drop the oldest differences while ``s_min / s_max`` of the scaled ``dF`` is not above
         this (``0 < rcond < 1``).
     growth : the factor of residual growth across a plain step that clears the memory (``> 1``).
+    preconditioner : optional ``(n, n)`` matrix ``M ~ (I - G'(x))^{-1}`` (see the module
+        docstring); proposals then start with the chord step ``x + M f``, even with no difference in
+        memory, until a preconditioned step is undone (the attribute is then None).  Default None:
+        the plain scheme with ``theta I``.
 
     Usage, with ``theta`` the current step size of the plain iteration::
 
@@ -86,7 +102,7 @@ class Anderson:
             x = x + theta * (gx - x) if candidate is None else candidate
     """
 
-    def __init__(self, memory=5, *, rcond=1e-6, growth=2.0):
+    def __init__(self, memory=5, *, rcond=1e-6, growth=2.0, preconditioner=None):
         if isinstance(memory, bool) or not isinstance(memory, numbers.Integral) or memory < 1:
             raise ValueError(f"memory must be an integer >= 1, got {memory!r}")
         if isinstance(rcond, bool) or not isinstance(rcond, numbers.Real) or not 0 < rcond < 1:
@@ -96,6 +112,12 @@ class Anderson:
         self.memory = int(memory)
         self.rcond = float(rcond)
         self.growth = float(growth)
+        if preconditioner is not None:
+            preconditioner = np.array(preconditioner, dtype=np.float64)
+            if preconditioner.ndim != 2 or preconditioner.shape[0] != preconditioner.shape[1] \
+                    or not np.all(np.isfinite(preconditioner)):
+                raise ValueError(f"preconditioner must be a finite square matrix, got {preconditioner!r}")
+        self.preconditioner = preconditioner
         self.retreated = False  # whether the last proposal undid an accelerated step
         self.reset()
 
@@ -122,6 +144,8 @@ class Anderson:
         f = np.array(gx, dtype=np.float64).ravel() - x
         if self._x and self._x[-1].shape != x.shape:
             raise ValueError(f"x must keep its shape {self._x[-1].shape}, got {x.shape}")
+        if self.preconditioner is not None and self.preconditioner.shape[0] != x.size:
+            raise ValueError(f"the preconditioner is {self.preconditioner.shape}, the state has {x.size} components")
         with np.errstate(all="ignore"):
             w = 1.0 / np.maximum(1.0, np.abs(x))
             norm = float(np.linalg.norm(w * f))
@@ -133,6 +157,7 @@ class Anderson:
             self._accelerated, self.retreated = False, True  # (the step it proposes is plain)
             self._failures += 1
             self._wait = min(2 ** (self._failures - 1), MAX_WAIT)
+            self.preconditioner = None       # (a preconditioner that failed once is not trusted again)
             return self._x[0] + theta * self._f[0], 0
         if not finite:
             self.reset()
@@ -152,6 +177,7 @@ class Anderson:
             return None, 0
         if norm == 0.0 or not self._contracting:  # at a fixed point, or the plain step is needed
             return None, 0
+        M = self.preconditioner
         while len(self._x) > 1:
             dX = np.diff(np.array(self._x), axis=0).T  # (n, k): columns x_{j+1} - x_j, oldest first
             dF = np.diff(np.array(self._f), axis=0).T
@@ -159,13 +185,18 @@ class Anderson:
             if dF.shape[1] <= x.size and sv[-1] > self.rcond * sv[0]:
                 break
             del self._x[0], self._f[0]  # ill-conditioned: drop the oldest difference
-        else:
+        if len(self._x) <= 1 and M is None:
             return None, 0
         with np.errstate(all="ignore"):
-            gamma = np.linalg.lstsq(w[:, None] * dF, w * f, rcond=None)[0]
-            candidate = x + theta * f - (dX + theta * dF) @ gamma
+            step = theta * f if M is None else M @ f
+            if len(self._x) <= 1:                      # the chord step
+                candidate, used = x + step, 0
+            else:
+                gamma = np.linalg.lstsq(w[:, None] * dF, w * f, rcond=None)[0]
+                candidate = x + step - (dX + (theta * dF if M is None else M @ dF)) @ gamma
+                used = int(dF.shape[1])
         if not np.all(np.isfinite(candidate)) or (accept is not None and not accept(candidate)):
             del self._x[:-1], self._f[:-1]
             return None, 0
         self._accelerated = True
-        return candidate, int(dF.shape[1])
+        return candidate, used

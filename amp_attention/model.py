@@ -219,10 +219,21 @@ def row_softmax(h: np.ndarray, beta: float) -> np.ndarray:
     """
     h = _as_h(h)
     beta = check_positive(beta, "beta")
+    short = h.shape[-1] < 8  # (rows of T <= 7 tokens: column-wise loops, as numpy's own order)
     with np.errstate(over="ignore"):  # beta (h - max h) may overflow to -inf: exp gives 0, exactly
-        s = beta * (h - h.max(axis=-1, keepdims=True))
+        s = beta * (h - (_columnwise(np.maximum, h) if short else h.max(axis=-1))[..., None])
     e = np.exp(s)
-    return e / e.sum(axis=-1, keepdims=True)
+    return e / (_columnwise(np.add, e) if short else e.sum(axis=-1))[..., None]
+
+
+def _columnwise(op, a):
+    """``op.reduce(a, axis=-1)`` as a loop over the (few) columns, in order: the same numbers as
+    numpy's reduction of a short last axis (a sequential loop below 8 elements), without its
+    per-row overhead."""
+    out = a[..., 0].copy()
+    for j in range(1, a.shape[-1]):
+        op(out, a[..., j], out=out)
+    return out
 
 
 def _whitened_noise(rng, n: int, T: int) -> np.ndarray:

@@ -63,7 +63,8 @@ __all__ = ["OutputSample", "GaussianRule", "OutputView", "METHODS", "DEFAULT_N_M
 METHODS = ("auto", "mc", "qmc", "gauss_hermite")
 
 #: The default node budget of the SE output side (docs/theory.md §7.1): with the two-level rule of
-#: ``output_rule='auto'`` it costs about what 1e5 plain Monte Carlo draws cost.
+#: ``output_rule='auto'`` (a coarse level, then few preconditioned steps on this rule) it costs
+#: about what 1e5 plain Monte Carlo draws cost with plain steps.
 DEFAULT_N_MC = 400_000
 
 # --------------------------------------------------------------------------------------------
@@ -501,12 +502,12 @@ class OutputSample:
         phi = self.channel.phi
         if self.method == "mc":
             z_hat = self.omega(m, q)
-            target = self.y if noisy else phi(unwhiten(self.z_star, self.T))
+            target = self.y if noisy or self.noise == 0 else phi(unwhiten(self.z_star, self.T))
             diff = target - phi(unwhiten(z_hat, self.T))
             return self._full_rule, np.sum(diff * diff, axis=(1, 2))
         v = self.view(Qz=self.Q + self.noise if noisy else self.Q,
                       reduced=_labels_flat_invariant(self.channel))
-        target = v.y if noisy else phi(unwhiten(v.zeta, self.T))
+        target = v.y if noisy or self.noise == 0 else phi(unwhiten(v.zeta, self.T))  # (labels = phi(z*))
         diff = target - phi(unwhiten(v.omega(m, q), self.T))
         return v.rule, np.sum(diff * diff, axis=(1, 2))
 

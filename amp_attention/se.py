@@ -56,7 +56,7 @@ __all__ = ["SEResult", "BayesSEResult", "state_evolution", "bayes_state_evolutio
 _QUIET = np.errstate(over="ignore", invalid="ignore", divide="ignore")
 
 SE_HISTORY_KEYS = ("m", "q", "V", "mse", "A_hat", "m_hat", "q_hat", "a", "Delta",
-                   "stderr_A_hat", "stderr_m_hat", "stderr_q_hat", "time", "anderson")
+                   "stderr_A_hat", "stderr_m_hat", "stderr_q_hat", "time", "anderson", "preconditioned")
 ACCELERATIONS = ("anderson", None)
 
 
@@ -116,8 +116,28 @@ class _Step(NamedTuple):
 
 
 @_QUIET
+def _se_map(output, overlaps, sample, state, t):
+    """One evaluation of the SE map at ``state = (m, q, V)`` (steps 1-6 of the module docstring):
+    ``((A_hat, m_hat, q_hat, stderr, a, Delta), (m, q, V) new)``, or a message (str) saying why the
+    map is not defined there (an exception of a factor, a non-finite or out-of-domain value)."""
+    try:
+        A_hat, m_hat, q_hat, err = output.se_conjugates(sample, *state)               # steps 1-3
+        if not (np.isfinite(A_hat) and A_hat > 0 and np.isfinite(q_hat) and np.isfinite(m_hat)):
+            return f"step {t}: output side not finite (A_hat={A_hat}, m_hat={m_hat}, q_hat={q_hat})"
+        a, Delta = m_hat / A_hat, _half_ratio_sq(q_hat, A_hat)                         # step 4
+        if not Delta > 0:
+            return f"step {t}: Delta = {Delta} <= 0 (the output side carries no information)"
+        raw = tuple(float(v) for v in overlaps(a, Delta, A_hat))                       # steps 5-6
+        if not all(np.isfinite(v) for v in raw) or raw[1] < 0 or raw[2] < 0:
+            return f"step {t}: order parameters out of domain (m, q, V) = {raw}"
+    except (ValueError, ArithmeticError, RuntimeError, np.linalg.LinAlgError) as exc:
+        return f"step {t}: {type(exc).__name__}: {exc}"  # (numerical trouble of a factor)
+    return (A_hat, m_hat, q_hat, err, a, Delta), raw
+
+
 def iterate_se(output, denoiser, sample, overlaps, *, init, max_iter, tol, damping, callback,
-               change, mse_floor=None, what="the state evolution", acceleration="anderson"):
+               change, mse_floor=None, what="the state evolution", acceleration="anderson",
+               preconditioner=None):
     """Run the SE loop; returns ``(state, last conjugates, loop outcome)``.
 
     ``overlaps(a, Delta, A_hat) -> (m, q, V)`` is the input side (free or finite, from
@@ -133,7 +153,11 @@ def iterate_se(output, denoiser, sample, overlaps, *, init, max_iter, tol, dampi
     step; -1: the accelerated state of step t - 1 did not lower the residual and was undone: step t
     is the plain step from the state before it).  The adaptive damping learns only from states
     linked by a plain step.  The stop rule compares with ``tol`` the larger of the plain step's
-    change and the step taken, so both modes stop on the same residual.
+    change and the step taken, so both modes stop on the same residual.  ``preconditioner``
+    (with ``acceleration='anderson'`` only): a ``3 x 3`` matrix ``M ~ (I - J)^{-1}``, ``J`` the
+    map's Jacobian in ``(m, q, V)``; the mixing then starts from the chord step ``x + M (G(x) - x)``
+    (:class:`~amp_attention.anderson.Anderson`), and ``history['preconditioned'][t]`` is 1 for
+    the steps proposed so (0 otherwise).
 
     The loop never raises for a valid problem: an evaluation that fails (an exception from a
     factor, a non-finite or out-of-domain conjugate) at an accelerated state is retried at the
@@ -144,25 +168,13 @@ def iterate_se(output, denoiser, sample, overlaps, *, init, max_iter, tol, dampi
     Q = sample.Q
     state = _check_init(init, Q)
     loop = Loop(SE_HISTORY_KEYS, max_iter=max_iter, tol=tol, damping=damping, callback=callback, unit="step")
-    accel = Anderson() if _check_acceleration(acceleration, damping) else None
+    accel = Anderson(preconditioner=preconditioner) if _check_acceleration(acceleration, damping) else None
     last = (None, None, None)
     prev = None  # the last _Step: where a retry restarts from
 
     def evaluate(m, q, V, t):
         """One SE map evaluation; returns (conjugates, raw new state) or an error message."""
-        try:
-            A_hat, m_hat, q_hat, err = output.se_conjugates(sample, m, q, V)          # steps 1-3
-            if not (np.isfinite(A_hat) and A_hat > 0 and np.isfinite(q_hat) and np.isfinite(m_hat)):
-                return f"step {t}: output side not finite (A_hat={A_hat}, m_hat={m_hat}, q_hat={q_hat})"
-            a, Delta = m_hat / A_hat, _half_ratio_sq(q_hat, A_hat)                     # step 4
-            if not Delta > 0:
-                return f"step {t}: Delta = {Delta} <= 0 (the output side carries no information)"
-            raw = tuple(float(v) for v in overlaps(a, Delta, A_hat))                   # steps 5-6
-            if not all(np.isfinite(v) for v in raw) or raw[1] < 0 or raw[2] < 0:
-                return f"step {t}: order parameters out of domain (m, q, V) = {raw}"
-        except (ValueError, ArithmeticError, RuntimeError, np.linalg.LinAlgError) as exc:
-            return f"step {t}: {type(exc).__name__}: {exc}"  # (numerical trouble of a factor)
-        return (A_hat, m_hat, q_hat, err, a, Delta), raw
+        return _se_map(output, overlaps, sample, (m, q, V), t)
 
     for t in loop:
         t0 = time.perf_counter()
@@ -190,14 +202,14 @@ def iterate_se(output, denoiser, sample, overlaps, *, init, max_iter, tol, dampi
         if not all(np.isfinite(v) for v in new):
             loop.diverge(f"step {t}: non-finite order parameters; kept the last finite ones")
             break
-        delta, step, used = change(state, new), _Step(state, raw, new, False), 0
+        delta, step, used, chord = change(state, new), _Step(state, raw, new, False), 0, 0
         if accel is not None:
             proposal, used = accel.propose(state, raw, 1.0 - loop.last_damping,
                                            accept=lambda x: _in_domain(*x, Q))
             if accel.retreated:  # undo the last accelerated step: the plain step from the state before it
                 step, used = _Step(prev.old, prev.raw, tuple(float(v) for v in proposal), True), -1
             elif proposal is not None:
-                step = _Step(state, raw, new, True)
+                step, chord = _Step(state, raw, new, True), int(accel.preconditioner is not None)
             if proposal is not None:
                 new = tuple(float(v) for v in proposal)
                 delta = max(delta, change(state, new))
@@ -207,7 +219,7 @@ def iterate_se(output, denoiser, sample, overlaps, *, init, max_iter, tol, dampi
         mse = Q - 2 * m + q
         if not loop.record(m=m, q=q, V=V, mse=mse, A_hat=A_hat, m_hat=m_hat, q_hat=q_hat, a=a, Delta=Delta,
                            stderr_A_hat=err["A_hat"], stderr_m_hat=err["m_hat"], stderr_q_hat=err["q_hat"],
-                           time=time.perf_counter() - t0, anderson=used):
+                           time=time.perf_counter() - t0, anderson=used, preconditioned=chord):
             state = recorded
             break
         last = (A_hat, a, Delta)
@@ -322,6 +334,11 @@ def _input_overlaps(denoiser, law, input_side, eigenvalues, n_draws, seed):
 COARSE_FACTOR = 16
 COARSE_TOL = 1e-5
 COARSE_MIN_NODES = 4096
+#: The coarse-level Jacobian that preconditions the full level (:func:`_coarse_preconditioner`):
+#: relative one-sided difference steps ``JACOBIAN_STEP``; not used when ``I - J`` has a condition
+#: number above ``JACOBIAN_MAX_COND`` in the probe coordinates.
+JACOBIAN_STEP = 1e-4
+JACOBIAN_MAX_COND = 1e8
 
 
 def _coarse_budget(output, sample, output_rule, damping, callback):
@@ -337,25 +354,65 @@ def _coarse_budget(output, sample, output_rule, damping, callback):
     return n_coarse if n_coarse >= COARSE_MIN_NODES else None
 
 
+def _coarse_preconditioner(output, overlaps, coarse, state):
+    """``M = (I - J)^{-1}`` with ``J`` the Jacobian of the SE map on the ``coarse`` rule at
+    ``state = (m, q, V)``, or None if the map fails there or ``I - J`` is ill-conditioned
+    (docs/theory.md §7.3).
+
+    ``J`` is found from forward differences along ``m`` at fixed ``s = q - m^2/Q*``, along ``q``
+    and along ``V``, with steps ``JACOBIAN_STEP`` times ``max(|m|, 1e-3)``, ``max(s, 1e-6 q)`` (1 if
+    ``q = 0``) and ``V``.  The step in ``q`` is relative to ``s`` because the map depends on
+    ``sqrt(s)`` (the part of ``omega`` independent of ``z*``), whose derivative grows as
+    ``s -> 0`` (near perfect recovery).  Every probe stays in the domain ``s >= 0``, ``V > 0``.
+    The condition number is judged in the probe coordinates (scaled by the steps)."""
+    base = _se_map(output, overlaps, coarse, state, 0)
+    if isinstance(base, str):
+        return None
+    Q = coarse.Q
+    m, q, V = (float(v) for v in state)
+    s = q - m * m / Q
+    g0 = np.array(base[1])
+    h = JACOBIAN_STEP * np.array([max(abs(m), 1e-3), max(s, 1e-6 * q) if q > 0 else 1.0, V])
+    D = np.array([[1.0, 0.0, 0.0], [2.0 * m / Q + h[0] / Q, 1.0, 0.0], [0.0, 0.0, 1.0]])  # probe directions
+    JD = np.empty((3, 3))
+    for i in range(3):
+        probe = (m, q, V) + h[i] * D[:, i]
+        res = _se_map(output, overlaps, coarse, tuple(probe), 0) if _in_domain(*probe, Q) else "out"
+        if isinstance(res, str):
+            return None
+        JD[:, i] = (np.array(res[1]) - g0) / h[i]
+    A = np.eye(3) - JD @ np.linalg.inv(D)
+    P = D * h  # (in these coordinates the steep sqrt(s) dependence is not mistaken for bad conditioning)
+    if not np.all(np.isfinite(A)) or np.linalg.cond(np.linalg.solve(P, A @ P)) > JACOBIAN_MAX_COND:
+        return None
+    return np.linalg.inv(A)
+
+
 def _iterate_two_level(coarse, fine, *, init, max_iter, tol, **kw):
     """:func:`iterate_se` on the ``coarse`` sample to ``max(tol, COARSE_TOL)``, then on ``fine``
-    from the coarse state with the remaining steps (``coarse`` None: ``fine`` only).  Returns
-    ``(state, last conjugates, outcome, coarse steps)``; the outcome joins both levels (histories
-    concatenated, the fine level's flags and message)."""
+    from the coarse state with the remaining steps (``coarse`` None: ``fine`` only); with
+    acceleration, the fine level's steps are preconditioned by the coarse map's Jacobian at the
+    coarse fixed point (:func:`_coarse_preconditioner`), so that it needs few steps of the costly
+    rule.  Returns ``(state, last conjugates, outcome, coarse steps, preconditioned)``; the outcome
+    joins both levels (histories concatenated, the fine level's flags and message)."""
     if coarse is None:
-        return (*iterate_se(sample=fine, init=init, max_iter=max_iter, tol=tol, **kw), 0)
+        return (*iterate_se(sample=fine, init=init, max_iter=max_iter, tol=tol, **kw), 0, False)
     state, last, first = iterate_se(sample=coarse, init=init, max_iter=max_iter,
                                     tol=max(tol, COARSE_TOL), **kw)
     n1 = first["n_iter"]
     if first["diverged"]:  # (the coarse rule's own trouble must not decide): one level from init
-        return (*iterate_se(sample=fine, init=init, max_iter=max_iter, tol=tol, **kw), 0)
+        return (*iterate_se(sample=fine, init=init, max_iter=max_iter, tol=tol, **kw), 0, False)
     if n1 >= max_iter or n1 == 0:
-        return state, last, first, n1
-    state, last, second = iterate_se(sample=fine, init=state, max_iter=max_iter - n1, tol=tol, **kw)
+        return state, last, first, n1, False
+    M = None
+    if first["converged"] and _check_acceleration(kw.get("acceleration"), kw["damping"]) is not None:
+        M = _coarse_preconditioner(kw["output"], kw["overlaps"], coarse, state)
+    state, last, second = iterate_se(sample=fine, init=state, max_iter=max_iter - n1, tol=tol,
+                                     preconditioner=M, **kw)
     history = {k: np.concatenate([first["history"][k], v]) for k, v in second["history"].items()}
     outcome = dict(second, n_iter=n1 + second["n_iter"], history=history,
                    message=f"{second['message']} (after {n1} steps on the coarse rule)")
-    return state, last, outcome, n1
+    return state, last, outcome, n1, M is not None
 
 
 @_QUIET
@@ -378,10 +435,12 @@ def state_evolution(alpha, T, teacher, channel, loss="cross_entropy", reg="nucle
         default :data:`~amp_attention.output_sample.DEFAULT_N_MC` = 4e5).
     output_rule : how the output side averages (:class:`~amp_attention.output_sample.OutputSample`):
         ``'auto'`` (``'qmc'`` on two levels: first ``n_mc // 16`` nodes until the change is below
-        1e-5, then ``n_mc`` nodes from there to ``tol``; the fixed point is the full rule's, at
-        about the cost of 1e5 plain draws; one level under a damping schedule, with a callback, for
-        closed-form losses, or below 4096 coarse nodes; ``params['coarse_n_mc']`` and
-        ``params['coarse_steps']`` report it; docs/theory.md §7.1), ``'qmc'`` (scrambled Sobol points
+        1e-5, then ``n_mc`` nodes from there to ``tol``, with acceleration by steps preconditioned
+        with the coarse map's Jacobian (usually 2-3 steps); the fixed point is the full rule's, at
+        about the cost of 1e5 plain draws with plain steps; one level under a damping schedule,
+        with a callback, for closed-form losses, or below 4096 coarse nodes;
+        ``params['coarse_n_mc']``, ``params['coarse_steps']`` and ``params['coarse_jacobian']``
+        report it; docs/theory.md §7.1, §7.3), ``'qmc'`` (scrambled Sobol points
         with a fixed internal seed, in the dimensions the factor depends on; deterministic and
         independent of ``seed``), ``'mc'`` (plain Monte Carlo with ``seed``, the historical rule)
         or ``'gauss_hermite'``.
@@ -437,14 +496,16 @@ def state_evolution(alpha, T, teacher, channel, loss="cross_entropy", reg="nucle
     m, q, V = _check_init(init, Q)
     n_coarse = _coarse_budget(output, sample, output_rule, damping, callback)
     coarse = None if n_coarse is None else OutputSample(alpha, T, Q, channel, n_mc=n_coarse, method="qmc")
-    (m, q, V), (A_hat, a, Delta), outcome, coarse_steps = _iterate_two_level(
+    (m, q, V), (A_hat, a, Delta), outcome, coarse_steps, preconditioned = _iterate_two_level(
         coarse, sample, output=output, denoiser=denoiser, overlaps=overlaps, init=(m, q, V),
         max_iter=max_iter, tol=tol, damping=damping, callback=callback, change=_erm_change,
         what="the ERM state evolution", acceleration=acceleration)
     test_error = test_error_noisy = train_loss = train_objective = None
     if predictions and outcome["n_iter"]:
         def compute():  # (in this order: the 'mc' rule may draw as it goes)
-            out = {"test_error": sample.test_error(m, q), "test_error_noisy": sample.test_error_noisy(m, q),
+            test_error = sample.test_error(m, q)  # (equal to the noisy one for a noiseless channel)
+            out = {"test_error": test_error,
+                   "test_error_noisy": sample.test_error_noisy(m, q) if sample.noise > 0 else test_error,
                    "train_loss": output.se_train_loss(sample, m, q, V)}
             penalty = denoiser.se_penalty(law, a, Delta, A_hat, Overlaps(m, q, V))
             return dict(out, train_objective=alpha * out["train_loss"] + penalty)
@@ -456,7 +517,7 @@ def state_evolution(alpha, T, teacher, channel, loss="cross_entropy", reg="nucle
     params = {"alpha": alpha, "T": T, "loss": loss, "reg": reg, "lam": lam, "beta": beta,
               "spectrum": spectrum, "input_side": input_side, "n_mc": n_mc, "output_rule": output_rule,
               "prox_start": prox_start, "law": repr(law), "acceleration": acceleration,
-              "coarse_n_mc": n_coarse, "coarse_steps": coarse_steps}
+              "coarse_n_mc": n_coarse, "coarse_steps": coarse_steps, "coarse_jacobian": preconditioned}
     return SEResult(m=m, q=q, V=V, mse=Q - 2 * m + q, Q=Q, test_error=test_error,
                     test_error_noisy=test_error_noisy, train_loss=train_loss,
                     train_objective=train_objective, a=a, Delta=Delta, A_hat=A_hat, params=params, **outcome)
@@ -526,8 +587,11 @@ def bayes_state_evolution(alpha, T, law, channel, max_iter=1000, tol=1e-10, damp
     perfect = outcome["converged"] and outcome["message"].startswith("perfect recovery")
     test_error = test_error_noisy = None
     if predictions and outcome["n_iter"]:
-        pred, reason = _predict(lambda: {"test_error": sample.test_error(m, q),
-                                                         "test_error_noisy": sample.test_error_noisy(m, q)})
+        def compute():
+            test_error = sample.test_error(m, q)
+            return {"test_error": test_error,
+                    "test_error_noisy": sample.test_error_noisy(m, q) if sample.noise > 0 else test_error}
+        pred, reason = _predict(compute)
         if pred is None:
             _flag_predictions(outcome, reason, outcome["n_iter"])
         else:

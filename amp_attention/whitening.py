@@ -75,10 +75,8 @@ def unwhiten(z: np.ndarray, T: int) -> np.ndarray:
     ia, ib, c = pair_indices(T)
     if z.ndim != 2 or z.shape[1] != ia.size:
         raise ValueError(f"z must have shape (n, {ia.size}) for T={T}, got {z.shape}")
-    H = np.empty((z.shape[0], T, T))
-    H[:, ia, ib] = z * c
-    H[:, ib, ia] = z * c
-    return H
+    kidx, _ = pair_maps(T)
+    return np.take(z * c, kidx, axis=1)
 
 
 def flat_direction(T: int) -> np.ndarray:

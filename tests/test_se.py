@@ -228,10 +228,62 @@ def test_two_level_output_rule_reaches_the_full_rule_fixed_point():
                           output_rule="qmc", **kw)
     assert two.converged and one.converged
     assert two.params["coarse_n_mc"] == 4096 and 0 < two.params["coarse_steps"] < two.n_iter
+    # the full level's steps, preconditioned by the coarse Jacobian, are few
+    assert two.params["coarse_jacobian"] and two.n_iter - two.params["coarse_steps"] <= 4
+    assert np.all(two.history["preconditioned"][two.params["coarse_steps"]:] <= 1)
     assert one.params["coarse_n_mc"] is None
     assert len(two.history["m"]) == two.n_iter
     for k in "mqV":
         assert abs(getattr(two, k) - getattr(one, k)) <= 1e-8 * max(1.0, abs(getattr(one, k))), k
+
+
+@pytest.mark.parametrize("alpha, lam", [(0.5, 0.01), (0.05, 0.01)])
+def test_coarse_preconditioner_is_the_inverse_of_one_minus_the_jacobian(alpha, lam):
+    """The preconditioner of the full level, ``(I - J)^{-1}`` from one-sided differences along
+    ``(m at fixed s, q, V)``, against ``I - J`` by central differences of the SE map composed here
+    from the public factors (steps relative to each coordinate and, for q, to ``s = q - m^2/Q*``)."""
+    import amp_attention.se as se_module
+    from amp_attention.denoisers import make_denoiser
+    from amp_attention.losses import make_loss
+    from amp_attention.output_sample import OutputSample
+
+    law, ch = aa.SpectralLaw.wishart(0.5), aa.SoftmaxChannel(1.0)
+    fp = state_evolution(alpha, 2, law, ch, "cross_entropy", "nuclear", lam, n_mc=16_384,
+                         output_rule="qmc", tol=1e-10, max_iter=500, predictions=False)
+    x = np.array([fp.m, fp.q, fp.V])
+    loss, den = make_loss("cross_entropy", 1.0), make_denoiser("nuclear", lam)
+    sample = OutputSample(alpha, 2, law.Q, ch, n_mc=16_384, method="qmc")
+
+    def G(y):
+        A_hat, m_hat, q_hat, _ = loss.se_conjugates(sample, *y)
+        return np.array(den.se_overlaps(law, m_hat / A_hat, q_hat / (2 * A_hat**2), A_hat))
+
+    s = x[1] - x[0] ** 2 / law.Q
+    h = np.array([1e-6 * abs(x[0]), 1e-3 * s, 1e-6 * x[2]])
+    h[0] = min(h[0], 1e-3 * s * law.Q / (2 * abs(x[0])))      # central steps in m stay in the domain
+    J = np.column_stack([(G(x + hi * e) - G(x - hi * e)) / (2 * hi) for hi, e in zip(h, np.eye(3))])
+    M = se_module._coarse_preconditioner(loss, lambda a, D, A: den.se_overlaps(law, a, D, A), sample,
+                                         tuple(x))
+    assert M is not None
+    ref = np.eye(3) - J
+    got = np.linalg.inv(M)
+    scale = np.abs(ref).max(axis=1, keepdims=True)   # row-wise: the V row is larger
+    np.testing.assert_allclose(got / scale, ref / scale, rtol=0, atol=2e-3)
+
+
+def test_two_level_near_perfect_recovery_uses_the_coarse_jacobian():
+    """At alpha = 0.5, lam = 1e-4 the fixed point is ~1e-7 from the boundary ``m^2 = q Q*`` and the map
+    depends on ``sqrt(q - m^2/Q*)``: the probes relative to that distance still give a
+    preconditioner, the full level takes few steps and reaches the one-level fixed point."""
+    law = aa.SpectralLaw.wishart(0.5)
+    kw = dict(n_mc=65_536, tol=1e-8, max_iter=500, predictions=False)
+    two = state_evolution(0.5, 2, law, aa.SoftmaxChannel(1.0), "cross_entropy", "nuclear", 1e-4, **kw)
+    one = state_evolution(0.5, 2, law, aa.SoftmaxChannel(1.0), "cross_entropy", "nuclear", 1e-4,
+                          output_rule="qmc", **kw)
+    assert two.converged and one.converged and one.q - one.m**2 / law.Q < 1e-5
+    assert two.params["coarse_jacobian"] and two.n_iter - two.params["coarse_steps"] <= 4
+    for k in "mqV":
+        assert abs(getattr(two, k) - getattr(one, k)) <= 1e-7 * max(1.0, abs(getattr(one, k))), k
 
 
 def test_small_alpha_fixed_point_does_not_depend_on_the_node_budget():
