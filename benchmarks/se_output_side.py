@@ -9,7 +9,8 @@ error)`` is computed with
 * one-level scrambled-Sobol RQMC (``method='qmc'``), ``n_mc = 1e5`` (98304 points), 3 internal
   scrambling seeds ``qmc_seed``, plain steps;
 * the default (``output_rule='auto'``: two-level QMC, ``n_mc/16`` nodes then ``n_mc``, with Anderson
-  acceleration) at ``n_mc = 4e5`` with 3 internal seeds and at ``8e5`` (another accuracy setting);
+  acceleration, preconditioned on the full level) at ``n_mc = 4e5`` with 4 internal seeds and at
+  ``8e5`` (another accuracy setting; ``--budgets``, ``--qmc-seeds``);
 
 and the per-step cost of each rule: wall time per SE step (``history['time']``) and, measured
 separately at the fixed point, wall and CPU time of one warm-started output-side evaluation
@@ -152,6 +153,10 @@ def report(rows, costs):
 def main(argv=None):
     parser = _common.make_parser(__doc__.split("\n\n")[0])
     parser.add_argument("--from-json", default=None, help="re-print the tables of a saved run and exit")
+    parser.add_argument("--budgets", default="400000,800000",
+                        help="n_mc of the default rule: the first with --qmc-seeds internal seeds, the others "
+                             "once (other accuracy settings; the last is the reference of the deviations)")
+    parser.add_argument("--qmc-seeds", type=int, default=4, help="internal seeds of the first budget")
     args = parser.parse_args(argv)
     if args.from_json:
         with open(args.from_json) as fh:
@@ -161,14 +166,16 @@ def main(argv=None):
     Ts = (2,) if args.quick else (2, 3)
     alphas = (0.5,) if args.quick else (0.05, 0.5, 4.0)
     n_seeds = 2 if args.quick else 3
+    budgets = [int(float(b)) for b in args.budgets.split(",")]
+    n_qmc_seeds = 2 if args.quick else args.qmc_seeds
     aa.state_evolution(0.5, 2, LAW, CHANNEL, "cross_entropy", "nuclear", LAM, max_iter=2, n_mc=1000)  # compile
     rows, costs = [], []
     for T in Ts:
         for alpha in alphas:
             configs = [("mc", 100_000, s, 0) for s in range(n_seeds)]
             configs += [("qmc", 100_000, 0, s) for s in range(n_seeds)]
-            configs += [("auto", 400_000, 0, s) for s in range(n_seeds)]
-            configs += [("auto", 800_000, 0, 0)]
+            configs += [("auto", budgets[0], 0, s) for s in range(n_qmc_seeds)]
+            configs += [("auto", b, 0, 0) for b in budgets[1:]]
             for method, n_mc, seed, qseed in configs:
                 r = run_se(T, alpha, method, n_mc, seed=seed, qmc_seed=qseed)
                 rows.append(r)
