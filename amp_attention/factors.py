@@ -187,6 +187,7 @@ class OutputFactor:
         else:
             gz = np.sum(g * zs, axis=1) / Q
         vals = np.stack([tr, gz, gg], axis=1)
+        view.last_values = vals                       # (for the SE's error estimate of its fixed point)
         (A_hat, m_hat, q_hat), err = alpha * view.mean(vals), alpha * view.error(vals)
         stderr = {"A_hat": float(err[0]), "m_hat": float(err[1]), "q_hat": float(err[2])}
         return Conjugates(float(A_hat), float(m_hat), float(q_hat), stderr)

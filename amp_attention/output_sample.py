@@ -239,7 +239,9 @@ class OutputView:
     ``omega = (m / sqrt(Qz)) xi1 + sqrt(q - m^2/Qz) xi2`` (``Cov(zeta, omega) = m``), and
     :meth:`z_star_mean` the conditional mean ``E[z* | zeta, omega]`` (``= zeta`` without noise).
     ``reduced``: the nodes lie in the complement of the flat direction.  ``warm_start`` keeps the
-    last prox point on these nodes.
+    last prox point on these nodes; ``last_values`` the per-node integrands ``(N, 3)`` of
+    ``A_hat``, ``m_hat``, ``q_hat`` (before the factor ``alpha``) of the last generic
+    :meth:`~amp_attention.factors.OutputFactor.se_conjugates` on them.
     """
 
     def __init__(self, sample, rule: GaussianRule, Qz: float, reduced: bool, labels: bool = True):
@@ -255,6 +257,7 @@ class OutputView:
         self._labels = labels
         self._y = None
         self.warm_start = None
+        self.last_values = None
 
     @property
     def zeta(self):

@@ -73,6 +73,11 @@ class SEResult:
     ``train_objective = (sum_mu loss + reg) / d^2 = alpha train_loss + reg/d^2``.  ``diverged``: the loop met a
     non-finite or out-of-domain quantity and kept the last finite state.
 
+    ``stderr`` (ERM, default two-level rule, free input side, converged, preconditioned full
+    level): the estimated quadrature error of the fixed point, ``{'m', 'q', 'V', 'mse'}``: the
+    spread of the conjugates over the rule's independent scramblings at the last step, carried to
+    the fixed point by ``(I - J)^{-1}`` (docs/theory.md §7.3); None otherwise.
+
     Bayes-optimal runs also set ``perfect_recovery`` (the mse fell below ``mse_floor Q*``; the
     iteration then stops), ``mse_prior = Q* - mean(S*)^2`` (the ``alpha -> 0`` limit), ``q0`` and
     ``mse0`` (the initial state).
@@ -100,6 +105,7 @@ class SEResult:
     mse_prior: float | None = None
     q0: float | None = None
     mse0: float | None = None
+    stderr: dict | None = None
 
 
 BayesSEResult = SEResult  # the Bayes-optimal SE returns the same result type
@@ -388,22 +394,54 @@ def _coarse_preconditioner(output, overlaps, coarse, state):
     return np.linalg.inv(A)
 
 
+def _fixed_point_stderr(output, overlaps, sample, M):
+    """Standard error of the fixed point ``(m, q, V, mse)`` due to the quadrature, or None.
+
+    With ``c_r`` the conjugates ``(A_hat, m_hat, q_hat)`` of the last step on scrambling ``r`` of
+    the rule (``R`` of them, mean ``c``) and ``G(c)`` the input side, the fixed point of scrambling
+    ``r`` alone is ``x* + M (G(c_r) - G(c))`` to first order (``M = (I - J)^{-1}``); the standard
+    error of the full rule's fixed point is the spread of these shifts over ``r`` divided by
+    ``sqrt(R)`` (``mse = Q* - 2m + q`` shifts by ``-2 dm + dq``)."""
+    view = sample.view(output)
+    vals = getattr(view, "last_values", None)
+    if M is None or vals is None or view.rule.kind != "replicates":
+        return None
+    alpha = sample.alpha
+
+    def G(c):
+        A_hat, m_hat, q_hat = c
+        return np.array(overlaps(m_hat / A_hat, _half_ratio_sq(q_hat, A_hat), A_hat), dtype=np.float64)
+
+    try:
+        reps = alpha * view.rule.replicate_means(vals)
+        g0 = G(alpha * view.mean(vals))
+        shifts = np.array([M @ (G(c) - g0) for c in reps])
+    except (ValueError, ArithmeticError, RuntimeError, np.linalg.LinAlgError):
+        return None
+    shifts = np.column_stack([shifts, -2.0 * shifts[:, 0] + shifts[:, 1]])
+    se = shifts.std(axis=0, ddof=1) / np.sqrt(len(reps))
+    if not np.all(np.isfinite(se)):
+        return None
+    return dict(zip(("m", "q", "V", "mse"), (float(v) for v in se)))
+
+
 def _iterate_two_level(coarse, fine, *, init, max_iter, tol, **kw):
     """:func:`iterate_se` on the ``coarse`` sample to ``max(tol, COARSE_TOL)``, then on ``fine``
     from the coarse state with the remaining steps (``coarse`` None: ``fine`` only); with
     acceleration, the fine level's steps are preconditioned by the coarse map's Jacobian at the
     coarse fixed point (:func:`_coarse_preconditioner`), so that it needs few steps of the costly
-    rule.  Returns ``(state, last conjugates, outcome, coarse steps, preconditioned)``; the outcome
-    joins both levels (histories concatenated, the fine level's flags and message)."""
+    rule.  Returns ``(state, last conjugates, outcome, coarse steps, M)`` (``M`` the preconditioner
+    or None); the outcome joins both levels (histories concatenated, the fine level's flags and
+    message)."""
     if coarse is None:
-        return (*iterate_se(sample=fine, init=init, max_iter=max_iter, tol=tol, **kw), 0, False)
+        return (*iterate_se(sample=fine, init=init, max_iter=max_iter, tol=tol, **kw), 0, None)
     state, last, first = iterate_se(sample=coarse, init=init, max_iter=max_iter,
                                     tol=max(tol, COARSE_TOL), **kw)
     n1 = first["n_iter"]
     if first["diverged"]:  # (the coarse rule's own trouble must not decide): one level from init
-        return (*iterate_se(sample=fine, init=init, max_iter=max_iter, tol=tol, **kw), 0, False)
+        return (*iterate_se(sample=fine, init=init, max_iter=max_iter, tol=tol, **kw), 0, None)
     if n1 >= max_iter or n1 == 0:
-        return state, last, first, n1, False
+        return state, last, first, n1, None
     M = None
     if first["converged"] and _check_acceleration(kw.get("acceleration"), kw["damping"]) is not None:
         M = _coarse_preconditioner(kw["output"], kw["overlaps"], coarse, state)
@@ -412,7 +450,7 @@ def _iterate_two_level(coarse, fine, *, init, max_iter, tol, **kw):
     history = {k: np.concatenate([first["history"][k], v]) for k, v in second["history"].items()}
     outcome = dict(second, n_iter=n1 + second["n_iter"], history=history,
                    message=f"{second['message']} (after {n1} steps on the coarse rule)")
-    return state, last, outcome, n1, M is not None
+    return state, last, outcome, n1, M
 
 
 @_QUIET
@@ -496,7 +534,7 @@ def state_evolution(alpha, T, teacher, channel, loss="cross_entropy", reg="nucle
     m, q, V = _check_init(init, Q)
     n_coarse = _coarse_budget(output, sample, output_rule, damping, callback)
     coarse = None if n_coarse is None else OutputSample(alpha, T, Q, channel, n_mc=n_coarse, method="qmc")
-    (m, q, V), (A_hat, a, Delta), outcome, coarse_steps, preconditioned = _iterate_two_level(
+    (m, q, V), (A_hat, a, Delta), outcome, coarse_steps, M = _iterate_two_level(
         coarse, sample, output=output, denoiser=denoiser, overlaps=overlaps, init=(m, q, V),
         max_iter=max_iter, tol=tol, damping=damping, callback=callback, change=_erm_change,
         what="the ERM state evolution", acceleration=acceleration)
@@ -517,10 +555,13 @@ def state_evolution(alpha, T, teacher, channel, loss="cross_entropy", reg="nucle
     params = {"alpha": alpha, "T": T, "loss": loss, "reg": reg, "lam": lam, "beta": beta,
               "spectrum": spectrum, "input_side": input_side, "n_mc": n_mc, "output_rule": output_rule,
               "prox_start": prox_start, "law": repr(law), "acceleration": acceleration,
-              "coarse_n_mc": n_coarse, "coarse_steps": coarse_steps, "coarse_jacobian": preconditioned}
+              "coarse_n_mc": n_coarse, "coarse_steps": coarse_steps, "coarse_jacobian": M is not None}
+    stderr = (_fixed_point_stderr(output, overlaps, sample, M)  # (R + 1 input-side calls: cheap if free)
+              if outcome["converged"] and input_side == "free" else None)
     return SEResult(m=m, q=q, V=V, mse=Q - 2 * m + q, Q=Q, test_error=test_error,
                     test_error_noisy=test_error_noisy, train_loss=train_loss,
-                    train_objective=train_objective, a=a, Delta=Delta, A_hat=A_hat, params=params, **outcome)
+                    train_objective=train_objective, a=a, Delta=Delta, A_hat=A_hat, params=params,
+                    stderr=stderr, **outcome)
 
 
 def _bayes_change(old, new):

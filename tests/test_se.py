@@ -286,6 +286,39 @@ def test_two_level_near_perfect_recovery_uses_the_coarse_jacobian():
         assert abs(getattr(two, k) - getattr(one, k)) <= 1e-7 * max(1.0, abs(getattr(one, k))), k
 
 
+@pytest.mark.parametrize("alpha", [0.05, 0.5])
+def test_fixed_point_stderr_matches_the_spread_over_scramblings(alpha, monkeypatch):
+    """``SEResult.stderr`` (replicate spread of the last conjugates carried by ``(I - J)^{-1}``)
+    against the empirical spread of the fixed point over 8 independent scramblings of the whole
+    rule (the internal QMC seed): the same size, within the sampling error of 8 runs."""
+    import amp_attention.se as se_module
+    from amp_attention.output_sample import OutputSample
+
+    law, runs = aa.SpectralLaw.wishart(0.5), []
+    for seed in range(8):
+        monkeypatch.setattr(se_module, "OutputSample",
+                            lambda *a, _s=seed, **kw: OutputSample(*a, **dict(kw, qmc_seed=_s)))
+        runs.append(state_evolution(alpha, 2, law, aa.SoftmaxChannel(1.0), "cross_entropy", "nuclear", 0.01,
+                                    n_mc=65_536, tol=1e-10, max_iter=500, predictions=False))
+    assert all(r.converged and r.stderr is not None for r in runs)
+    for k in ("m", "q", "V", "mse"):
+        empirical = np.std([getattr(r, k) for r in runs], ddof=1)
+        estimated = np.mean([r.stderr[k] for r in runs])
+        assert 0.4 < empirical / estimated < 2.5, (k, empirical, estimated)
+
+
+def test_fixed_point_stderr_is_none_without_replicates_or_preconditioner():
+    law = aa.SpectralLaw.wishart(0.5)
+    kw = dict(n_mc=65_536, predictions=False)
+    args = (0.5, 2, law, aa.SoftmaxChannel(1.0), "cross_entropy", "nuclear", 0.01)
+    assert state_evolution(*args, output_rule="qmc", **kw).stderr is None      # one level: no Jacobian
+    assert state_evolution(*args, acceleration=None, **kw).stderr is None     # no preconditioning
+    assert state_evolution(*args, output_rule="mc", **kw).stderr is None
+    assert state_evolution(0.5, 2, law, aa.LinearChannel(0.1), "square", "nuclear", 0.01,
+                           **kw).stderr is None                                 # closed form: no nodes
+    assert state_evolution(*args, max_iter=3, **kw).stderr is None             # not converged
+
+
 def test_small_alpha_fixed_point_does_not_depend_on_the_node_budget():
     """Issue 11's reproducibility target at its hardest point, alpha = 0.05 (V ~ 22): the default
     rule at n_mc = 4e5 and 8e5 (different Sobol sets) agree to 1e-4 in m, q and the test error;
