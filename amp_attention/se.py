@@ -541,9 +541,7 @@ def state_evolution(alpha, T, teacher, channel, loss="cross_entropy", reg="nucle
     test_error = test_error_noisy = train_loss = train_objective = None
     if predictions and outcome["n_iter"]:
         def compute():  # (in this order: the 'mc' rule may draw as it goes)
-            test_error = sample.test_error(m, q)  # (equal to the noisy one for a noiseless channel)
-            out = {"test_error": test_error,
-                   "test_error_noisy": sample.test_error_noisy(m, q) if sample.noise > 0 else test_error,
+            out = {"test_error": sample.test_error(m, q), "test_error_noisy": sample.test_error_noisy(m, q),
                    "train_loss": output.se_train_loss(sample, m, q, V)}
             penalty = denoiser.se_penalty(law, a, Delta, A_hat, Overlaps(m, q, V))
             return dict(out, train_objective=alpha * out["train_loss"] + penalty)
@@ -628,11 +626,8 @@ def bayes_state_evolution(alpha, T, law, channel, max_iter=1000, tol=1e-10, damp
     perfect = outcome["converged"] and outcome["message"].startswith("perfect recovery")
     test_error = test_error_noisy = None
     if predictions and outcome["n_iter"]:
-        def compute():
-            test_error = sample.test_error(m, q)
-            return {"test_error": test_error,
-                    "test_error_noisy": sample.test_error_noisy(m, q) if sample.noise > 0 else test_error}
-        pred, reason = _predict(compute)
+        pred, reason = _predict(lambda: {"test_error": sample.test_error(m, q),
+                                         "test_error_noisy": sample.test_error_noisy(m, q)})
         if pred is None:
             _flag_predictions(outcome, reason, outcome["n_iter"])
         else:
