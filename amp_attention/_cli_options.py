@@ -260,11 +260,6 @@ def add_acceleration(p):
                    help="SE steps: Anderson mixing with the damping, or none (plain damped steps)")
 
 
-def acceleration(args):
-    """The SE keyword ``acceleration`` from ``--acceleration`` ('none' -> None)."""
-    return None if args.acceleration == "none" else args.acceleration
-
-
 # --------------------------------------------------------------------------------------------
 # sweep
 # --------------------------------------------------------------------------------------------
@@ -292,6 +287,8 @@ SWEEP_OPTIONS = [
     ("--iters", "max_iter", _NONNEG_INT, "integers >= 0", "maximum iterations per point (erm: 0 = its default)"),
     ("--tol", "tol", nonneg_float, "numbers >= 0", "tolerance"),
     ("--n-mc", "n_mc", n_mc, "integers >= 100", "SE output-side node budget"),
+    ("--precision", "precision", nonneg_float, "numbers >= 0",
+     "ERM SE: target for the fixed point's error estimate, grows the rule (0: none)"),
     ("--output-rule", "output_rule", choice("auto", "qmc", "mc", "gauss_hermite"), "names",
      "SE output-side rule: auto, qmc, mc, gauss_hermite"),
     ("--prox-start", "prox_start", choice("global", "teacher"), "names", "SE softmax_square prox: global, teacher"),

@@ -133,6 +133,12 @@ def _se_fixed_point(r) -> dict:
             "q_hat": _last(r.history, "q_hat"), "a": _last(r.history, "a"), "Delta": _last(r.history, "Delta")}
 
 
+def _se_stderr(r) -> dict:
+    """The ERM SE's error estimate of its fixed point (``SEResult.stderr``; None where there is none)."""
+    err = getattr(r, "stderr", None) or {}
+    return {f"stderr_{k}": _finite_or_none(err[k]) if k in err else None for k in ("m", "q", "V", "mse")}
+
+
 def _optional(r, name):
     """``r.name`` as a finite float or None: quantities an SE result or history may not provide."""
     v = getattr(r, name, None)
@@ -263,8 +269,12 @@ def cmd_se(args) -> dict:
         teacher = _make_teacher(args, args.d, np.random.default_rng(args.seed))
         law = aa.SpectralLaw.atoms(teacher.eigenvalues)
     erm = args.estimator == "erm"
+    if args.precision is not None and not erm:
+        raise ValueError("--precision applies to --estimator erm (the Bayes-optimal SE has a closed-form or "
+                         "exact output side here)")
     keys = (["mse", "m", "q", "test_error", "test_error_noisy"] + (["train_loss", "train_objective"] if erm else [])
-            + ["V", "A_hat", "m_hat", "q_hat", "a", "Delta", "converged", "n_iter"])
+            + ["V", "A_hat", "m_hat", "q_hat", "a", "Delta", "stderr_m", "stderr_q", "stderr_V", "stderr_mse",
+               "converged", "n_iter"])
     res = {k: [] for k in keys}
     init = None
     alphas = args.alpha
@@ -277,19 +287,20 @@ def cmd_se(args) -> dict:
             r = aa.state_evolution(alpha, T, teacher, channel, args.loss, args.reg, args.lam, args.beta,
                                    max_iter=args.iters, tol=args.tol, damping=args.damping, seed=args.seed,
                                    n_mc=args.n_mc, init=init, output_rule=args.output_rule,
-                                   prox_start=args.prox_start, acceleration=opt.acceleration(args))
+                                   prox_start=args.prox_start, acceleration=args.acceleration,
+                                   precision=args.precision)
             init = (r.m, r.q, r.V) if r.converged else None
         else:
             r = aa.bayes_state_evolution(alpha, T, law, channel, max_iter=max(args.iters, 1000),
                                          tol=args.tol, damping=args.damping, predictions=True, n_mc=args.n_mc,
                                          seed=args.seed, output_rule=args.output_rule,
-                                         acceleration=opt.acceleration(args))
+                                         acceleration=args.acceleration)
         for k in ("mse", "m", "q"):
             res[k].append(_finite_or_none(getattr(r, k)))
         # quantities an SE result may not provide (None), e.g. train_* for the Bayes-optimal SE
         for k in ("test_error", "test_error_noisy") + (("train_loss", "train_objective") if erm else ()):
             res[k].append(_optional(r, k))
-        for k, v in _se_fixed_point(r).items():
+        for k, v in {**_se_fixed_point(r), **_se_stderr(r)}.items():
             res[k].append(v)
         res["converged"].append(bool(r.converged))
         res["n_iter"].append(int(r.n_iter))
@@ -300,18 +311,19 @@ def cmd_se(args) -> dict:
         what = (f"ERM loss={args.loss} reg={args.reg} lam={args.lam}" if args.estimator == "erm"
                 else "Bayes-optimal")
         print(f"state evolution (d -> infinity), {what}, T={T}, teacher={law!r}, channel={args.channel}")
-        cols = ["mse", "m", "q", "test_error", "test_error_noisy"] + (["train_loss", "train_objective"] if erm else [])
+        cols = (["mse", "m", "q", "test_error", "test_error_noisy"] + (["train_loss", "train_objective"] if erm else [])
+                + ["V", "stderr_V"])
         cols = [c for c in cols if any(v is not None for v in res[c])]  # columns the SE provides
         print(f"{'alpha':>8} " + " ".join(f"{c:>{max(len(c), 9)}}" for c in cols) + f" {'converged':>9}")
         for i, alpha in enumerate(alphas):
-            row = " ".join(f"{_fmt(res[c][i]):>{max(len(c), 9)}}" for c in cols)
+            row = " ".join(f"{_fmt(res[c][i], c.startswith('stderr')):>{max(len(c), 9)}}" for c in cols)
             print(f"{alpha:8.4g} {row} {str(res['converged'][i]):>9}")
     params = {k: v for k, v in vars(args).items() if k not in ("func", "json", "command", "alpha")}
     return {"alpha": list(alphas), **res, "params": params}
 
 
-def _fmt(v):
-    return "nan" if v is None else f"{v:.5f}"
+def _fmt(v, small=False):
+    return "nan" if v is None else f"{v:.2e}" if small else f"{v:.5f}"
 
 
 # --------------------------------------------------------------------------------------------
@@ -431,17 +443,17 @@ def cmd_spectrum(args) -> dict:
     if args.estimator == "erm":
         r = aa.state_evolution(args.alpha, args.T, law, channel, args.loss, args.reg, args.lam, args.beta,
                                max_iter=args.iters, tol=args.tol, damping=args.damping, n_mc=args.n_mc,
-                               seed=args.seed, output_rule=args.output_rule, acceleration=opt.acceleration(args))
+                               seed=args.seed, output_rule=args.output_rule, acceleration=args.acceleration)
         f = aa.make_denoiser(args.reg, args.lam).scalar_map(r.A_hat)
     else:
         r = aa.bayes_state_evolution(args.alpha, args.T, law, channel, max_iter=max(args.iters, 1000),
                                      damping=args.damping, n_mc=args.n_mc, seed=args.seed,
-                                     output_rule=args.output_rule, acceleration=opt.acceleration(args))
+                                     output_rule=args.output_rule, acceleration=args.acceleration)
         f = aa.RIEDenoiser(law).scalar_map(r.A_hat)
     pf = shat_spectrum(law, r.a, r.Delta, f)
     bulk, outliers = _pushforward_summary(pf, args.outlier_mass)
     out = {"se": {"mse": _finite_or_none(r.mse), "converged": bool(r.converged), "message": r.message,
-                  **_se_fixed_point(r)},
+                  **_se_fixed_point(r), **_se_stderr(r)},
            "predicted": {"zero_atom_mass": float(pf.atom_mass), "rank_fraction": 1.0 - float(pf.atom_mass),
                          "bulk": bulk, "outliers": outliers}}
     if args.d is not None:
@@ -487,7 +499,7 @@ def cmd_thresholds(args) -> dict:
     else:
         opt.check_teacher(f"the teacher's exact spectrum at d={args.d}", args.d, args.teacher, args.rho)
         law = aa.SpectralLaw.atoms(_make_teacher(args, args.d, np.random.default_rng(args.seed)).eigenvalues)
-    se_kw = {"n_mc": args.n_mc, "seed": args.seed, "acceleration": opt.acceleration(args)}
+    se_kw = {"n_mc": args.n_mc, "seed": args.seed, "acceleration": args.acceleration}
     bracket = (args.lo, args.hi)
     runs = {"recovery": lambda: aa.recovery_threshold(args.T, law, channel, args.loss, "nuclear", args.lam,
                                                       bracket=bracket, **se_kw),
@@ -567,6 +579,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prox-start", dest="prox_start", choices=["global", "teacher"], default="global",
                    help="softmax_square only: the SE's prox is the global minimiser or the one reached from z*")
     p.add_argument("--seed", type=opt.seed, default=0, help="seed of the Monte Carlo draws")
+    p.add_argument("--precision", type=_positive_float, default=None,
+                   help="--estimator erm: grow the output-side rule until the fixed point's error estimate "
+                        "(stderr of m, q, V, mse) is below this (e.g. 1e-4; default: no target)")
     opt.add_acceleration(p)
     p.set_defaults(func=cmd_se)
 

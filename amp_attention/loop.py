@@ -69,7 +69,7 @@ from sklearn.exceptions import ConvergenceWarning
 
 from ._validation import check_nonnegative
 
-__all__ = ["Loop", "ConvergenceWarning", "check_max_iter", "check_damping", "check_callback"]
+__all__ = ["Loop", "ConvergenceWarning", "check_max_iter", "check_damping", "check_callback", "warn_user"]
 
 THETA_MIN = 1.0 / 64.0
 RESTART_AFTER = 25  # iterations at THETA_MIN before an undamped restart
@@ -92,6 +92,11 @@ def _user_stacklevel() -> int:
         frame = frame.f_back
         level += 1
     return 2
+
+
+def warn_user(message: str, category=ConvergenceWarning) -> None:
+    """:func:`warnings.warn` attributed to the first caller outside this package (the user's line)."""
+    warnings.warn(message, category, stacklevel=_user_stacklevel())
 
 
 def check_max_iter(max_iter, name: str = "max_iter") -> int:
@@ -304,8 +309,8 @@ class Loop:
         """
         if (self.tol > 0 and not (self.converged or self.diverged or self._by_callback)
                 and self.n_iter >= self.max_iter):
-            warnings.warn(f"{what} did not converge: {self.message} (tol={self.tol:g}); increase max_iter "
-                          "or loosen tol", ConvergenceWarning, stacklevel=_user_stacklevel())
+            warn_user(f"{what} did not converge: {self.message} (tol={self.tol:g}); increase max_iter "
+                      "or loosen tol")
         history = {k: np.asarray(v, dtype=float) for k, v in self.history.items()}
         return {"n_iter": self.n_iter, "converged": self.converged, "diverged": self.diverged,
                 "message": self.message, "history": history}

@@ -363,9 +363,14 @@ class OutputSample:
         self._rules = {}
         self._views = {}
         self._square_moments = None
-        self._last_view = None
         self._last_test = None  # ((m, q, noisy), rule, values, estimate) of the last test error
         self._warm_start = None
+
+    def resized(self, n_mc: int) -> "OutputSample":
+        """The same problem and rule settings (method, internal seed, replicates) with another
+        node budget ``n_mc`` (its nodes made afresh on first use)."""
+        return OutputSample(self.alpha, self.T, self.Q, self.channel, n_mc=n_mc, method=self.method,
+                            qmc_seed=self.qmc_seed, n_replicates=self.n_replicates)
 
     # ---------------------------------------------------------------- rules
     def _rule(self, n_blocks: int, reduced: bool) -> GaussianRule:

@@ -4,7 +4,9 @@
 the Cartesian product of ``grid`` (a mapping from parameter names to lists) for every seed index and
 returns a tidy :class:`pandas.DataFrame`, one row per (point, seed): the point's full parameter set,
 ``seed``, then ``m, q, mse, V, A_hat, m_hat, q_hat, test_error, test_error_noisy, train_loss,
-train_objective, converged, n_iter, message, wall_time, cached``.
+train_objective, stderr_m, stderr_q, stderr_V, stderr_mse, converged, n_iter, message, wall_time,
+cached`` (``stderr_*``: the ERM SE's error estimate of its fixed point, ``SEResult.stderr``; NaN
+where there is none).
 
 Reproducibility.  Each point's random stream is a :class:`numpy.random.SeedSequence` built from a
 hash of the canonical JSON of ``(kind, full parameter set, seed index)``, never from the worker, so
@@ -60,10 +62,11 @@ _ERM = {"loss": "cross_entropy", "reg": "nuclear", "lam": 0.05}
 
 #: every kind's parameters and their defaults, in column order ('erm': ``max_iter = 0`` means
 #: direct_erm's own default; ``d`` of the SE kinds: the exact-spectrum dimension of non-Wishart teachers;
-#: ``acceleration`` of the SE kinds: 'anderson' or 'none', the keyword ``acceleration=None``)
+#: ``acceleration`` of the SE kinds: 'anderson' or 'none' (the SE's alias of ``acceleration=None``);
+#: ``precision`` of 'se': the SE's target for its error estimate, 0 for none)
 PARAMETERS = {
     "se": {**_MODEL, **_ERM, "damping": "auto", "acceleration": "anderson", "max_iter": 200, "tol": 1e-8,
-           "n_mc": DEFAULT_N_MC, "output_rule": "auto", "prox_start": "global", "d": 200},
+           "n_mc": DEFAULT_N_MC, "output_rule": "auto", "prox_start": "global", "precision": 0.0, "d": 200},
     "bayes_se": {**_MODEL, "damping": "auto", "acceleration": "anderson", "max_iter": 1000, "tol": 1e-10,
                  "n_mc": DEFAULT_N_MC, "output_rule": "auto", "d": 200},
     "amp": {**_MODEL, **_ERM, "d": 100, "damping": "auto", "max_iter": 200, "tol": 1e-8,
@@ -75,9 +78,10 @@ PARAMETERS = {
 KINDS = tuple(PARAMETERS)
 
 OUTPUT_COLUMNS = ["m", "q", "mse", "V", "A_hat", "m_hat", "q_hat", "test_error", "test_error_noisy",
-                  "train_loss", "train_objective", "converged", "n_iter", "message", "wall_time"]
+                  "train_loss", "train_objective", "stderr_m", "stderr_q", "stderr_V", "stderr_mse",
+                  "converged", "n_iter", "message", "wall_time"]
 
-_FLOAT = {"alpha", "rho", "gamma", "beta", "noise", "lam", "tol"}
+_FLOAT = {"alpha", "rho", "gamma", "beta", "noise", "lam", "tol", "precision"}
 _INT = {"T", "rank", "d", "max_iter", "n_mc", "n_test"}
 _CHOICES = {"teacher": ("wishart", "powerlaw", "lowrank"), "channel": ("softmax", "hardmax", "linear"),
             "loss": ("cross_entropy", "square", "softmax_square"), "reg": ("nuclear", "frobenius"),
@@ -220,6 +224,7 @@ def _row_from_se(r):
             "test_error_noisy": _f(getattr(r, "test_error_noisy", None)),
             "train_loss": _f(getattr(r, "train_loss", None)),
             "train_objective": _f(getattr(r, "train_objective", None)),
+            **{f"stderr_{k}": _f((r.stderr or {}).get(k)) for k in ("m", "q", "V", "mse")},
             "converged": bool(r.converged), "n_iter": int(r.n_iter), "message": str(r.message)}
 
 
@@ -314,11 +319,6 @@ class _SingleThreaded:
         return False
 
 
-def _acceleration(p):
-    """The SE's ``acceleration`` keyword from the sweep parameter ('anderson' or 'none')."""
-    return None if p["acceleration"] == "none" else p["acceleration"]
-
-
 def _run_point(kind, p, seed_index, init=None):
     ss = point_seed(kind, p, seed_index)
     t0 = time.perf_counter()
@@ -331,7 +331,8 @@ def _run_point(kind, p, seed_index, init=None):
             r = state_evolution(p["alpha"], p["T"], law, _channel(p), p["loss"], p["reg"], p["lam"], p["beta"],
                                 n_mc=p["n_mc"], max_iter=p["max_iter"], tol=p["tol"], damping=p["damping"],
                                 seed=int(ss.generate_state(1)[0]), init=init, output_rule=p["output_rule"],
-                                prox_start=p["prox_start"], acceleration=_acceleration(p))
+                                prox_start=p["prox_start"], acceleration=p["acceleration"],
+                                precision=p["precision"] or None)
             row = _row_from_se(r)
         elif kind == "bayes_se":
             from .se import bayes_state_evolution
@@ -340,7 +341,7 @@ def _run_point(kind, p, seed_index, init=None):
             r = bayes_state_evolution(p["alpha"], p["T"], law, _channel(p), max_iter=p["max_iter"], tol=p["tol"],
                                       damping=p["damping"], predictions=True, n_mc=p["n_mc"],
                                       seed=int(ss.generate_state(1)[0]), output_rule=p["output_rule"],
-                                      acceleration=_acceleration(p))
+                                      acceleration=p["acceleration"])
             row = _row_from_se(r)
         else:
             row = _run_sampled(kind, p, ss)
@@ -581,7 +582,7 @@ def sweep(kind, grid, seeds=1, executor=None, cache=None, progress=True, jobs=No
         close()
 
     params = list(PARAMETERS[kind])
-    records = [{**p, "seed": s, **{c: row[c] for c in OUTPUT_COLUMNS}, "cached": flag}
+    records = [{**p, "seed": s, **{c: row.get(c, math.nan) for c in OUTPUT_COLUMNS}, "cached": flag}
                for (p, s), row, flag in zip(tasks, rows, cached_flags)]
     df = pd.DataFrame.from_records(records, columns=params + ["seed"] + OUTPUT_COLUMNS + ["cached"])
     return _typed(df, kind)
@@ -591,7 +592,7 @@ def _typed(df, kind):
     """Fixed column dtypes (so frames compare equal whatever the source: computed, cached or CSV)."""
     for c in df.columns:
         if c in _FLOAT or c in ("m", "q", "mse", "V", "A_hat", "m_hat", "q_hat", "test_error", "test_error_noisy",
-                                "train_loss", "train_objective", "wall_time"):
+                                "train_loss", "train_objective", "wall_time") or c.startswith("stderr_"):
             df[c] = df[c].astype("float64")
         elif c in _INT or c in ("seed", "n_iter"):
             df[c] = df[c].astype("int64")

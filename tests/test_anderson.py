@@ -176,11 +176,15 @@ def test_anderson_arguments_are_checked(kw, name):
 
 
 def test_se_acceleration_argument_is_checked():
-    for bad in ("Anderson", "none", True, 1):
+    for bad in ("Anderson", "None", True, 1):
         with pytest.raises(ValueError, match="acceleration"):
             aa.state_evolution(0.3, 2, LAW, aa.LinearChannel(0.1), "square", "frobenius", 0.1, acceleration=bad)
         with pytest.raises(ValueError, match="acceleration"):
             aa.bayes_state_evolution(0.3, 2, LAW, aa.SoftmaxChannel(1.0), acceleration=bad)
+    # 'none' (the CLI's and the sweep's spelling) is None: the same plain steps
+    args = (0.3, 2, LAW, aa.LinearChannel(0.1), "square", "frobenius", 0.1)
+    spelled, plain = (aa.state_evolution(*args, acceleration=a) for a in ("none", None))
+    assert spelled.params["acceleration"] is None and spelled.n_iter == plain.n_iter and spelled.m == plain.m
 
 
 # --------------------------------------------------------------------------------------------
@@ -301,7 +305,7 @@ def test_failed_evaluation_at_an_accelerated_state_falls_back_to_the_plain_step(
     """A factor that fails beyond the fixed point V* = 0.5, reached from below by the plain iteration
     (V - V* -> 0.9 e - 0.5 e^2, monotone); the secant steps overshoot into the failing region.  Even
     with a fixed damping (no backtracking) the loop retries the plain step and converges."""
-    from amp_attention.se import _erm_change, iterate_se
+    from amp_attention.se_loop import erm_change, iterate_se
 
     class Edge:
         state = None
@@ -320,7 +324,7 @@ def test_failed_evaluation_at_an_accelerated_state_falls_back_to_the_plain_step(
             return 0.5, 1.0, 0.5 + 0.9 * e - 0.5 * e * e
 
         state, _, res = iterate_se(out, None, SimpleNamespace(Q=LAW.Q), overlaps, init=(0.5, 1.0, 0.4), max_iter=1000,
-                                   tol=1e-12, damping=0.0, callback=None, change=_erm_change,
+                                   tol=1e-12, damping=0.0, callback=None, change=erm_change,
                                    acceleration=acceleration)
         assert res["converged"] and not res["diverged"], res["message"]
         assert abs(state[2] - 0.5) < 1e-10 and state[:2] == (0.5, 1.0)

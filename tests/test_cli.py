@@ -90,6 +90,25 @@ def test_se_bayes_json(capsys):
         assert res["V"][i] == pytest.approx(res["mse"][i], rel=1e-9)
 
 
+def test_se_precision_option_and_the_error_estimate_in_the_output(capsys):
+    """--precision: the SE grows its rule until the fixed point's error estimate (printed as
+    stderr_m, stderr_q, stderr_V, stderr_mse) is below the target; the fixed point stays put."""
+    argv = ["se", "--alpha", "0.5", "--lam", "0.01", "--n-mc", "65536", "--json"]
+    base = _json(capsys, argv)
+    target = base["stderr_V"][0] / 3                     # (needs a rule about 4x larger)
+    held = _json(capsys, argv + ["--precision", repr(target)])
+    assert base["converged"] == held["converged"] == [True] and held["params"]["precision"] == target
+    assert max(held[f"stderr_{k}"][0] for k in ("m", "q", "V", "mse")) <= target < base["stderr_V"][0]
+    assert abs(held["V"][0] - base["V"][0]) <= 5 * base["stderr_V"][0]
+    assert _json(capsys, ["se", "--alpha", "0.3", "--estimator", "bayes", "--json"])["stderr_V"] == [None]
+    with pytest.raises(SystemExit) as exc:
+        main(["se", "--estimator", "bayes", "--precision", "1e-4"])
+    assert exc.value.code == 2 and "--precision applies to --estimator erm" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:
+        main(["se", "--precision", "0"])
+    assert exc.value.code == 2 and "--precision" in capsys.readouterr().err
+
+
 def test_se_acceleration_option(capsys):
     """--acceleration none: the plain SE steps; the fixed point is the same, reached in more steps."""
     argv = ["se", "--alpha", "0.2", "--loss", "square", "--reg", "frobenius", "--channel", "linear", "--noise", "0.1",

@@ -96,7 +96,7 @@ def test_se_failure_inside_the_loop_is_reported_not_raised():
 
     from amp_attention.denoisers import make_denoiser
     from amp_attention.output_sample import OutputSample
-    from amp_attention.se import _erm_change, iterate_se
+    from amp_attention.se_loop import erm_change, iterate_se
 
     law = aa.SpectralLaw.wishart(0.5)
     den = make_denoiser("frobenius", 0.01)
@@ -104,7 +104,7 @@ def test_se_failure_inside_the_loop_is_reported_not_raised():
     for damping in (0.0, "auto"):
         state, _, out = iterate_se(Fragile(), den, sample,
                                    lambda a, D, A: den.se_overlaps(law, a, D, A), init=(0.0, 0.0, 1.0),
-                                   max_iter=50, tol=1e-10, damping=damping, callback=None, change=_erm_change)
+                                   max_iter=50, tol=1e-10, damping=damping, callback=None, change=erm_change)
         assert out["diverged"] and "FloatingPointError" in out["message"]
         # the returned state is the last recorded one, finite
         assert all(np.isfinite(state)) and state[1] == out["history"]["q"][-1]

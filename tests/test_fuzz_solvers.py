@@ -388,9 +388,11 @@ def test_direct_erm_extreme(sx, sy, lam_exp, beta_exp, loss, reg, method):
 
 SE_TINY = {"alpha": [0.2], "loss": ["square"], "channel": ["linear"], "noise": [0.1], "n_mc": [500], "max_iter": [3]}
 # columns that are NaN by design for a kind (not applicable)
+STDERR = ("stderr_m", "stderr_q", "stderr_V", "stderr_mse")  # the ERM SE's error estimate: NaN where none
 NA_COLUMNS = {"se": (),
-              "bayes_se": ("train_loss", "train_objective"), "amp": ("m_hat", "q_hat"),
-              "bayes_amp": ("m_hat", "q_hat", "train_loss", "train_objective"), "erm": ("V", "A_hat", "m_hat", "q_hat")}
+              "bayes_se": ("train_loss", "train_objective") + STDERR, "amp": ("m_hat", "q_hat") + STDERR,
+              "bayes_amp": ("m_hat", "q_hat", "train_loss", "train_objective") + STDERR,
+              "erm": ("V", "A_hat", "m_hat", "q_hat") + STDERR}
 SWEEP_BAD = {"kind": [None, 3, "bogus", ["se"]], "grid": [None, 5, "alpha", [("alpha", 0.1)]],
              "seeds": [0, -1, "a", 2.5, [], [-1], True], "executor": [2.5, -1, True, "bogus", object()],
              "cache": [5, 2.5, object()], "progress": ["yes", None], "jobs": [0, -1, "a", 2.5],
@@ -435,7 +437,10 @@ def test_sweep_tiny_extreme(kind, alpha_exp, lam_exp):
     for rec in df.to_dict(orient="records"):
         for k in NA_COLUMNS[kind]:
             assert np.isnan(rec[k]), f"{kind}: {k} is a placeholder, got {rec[k]}"
-        vals = {k: rec[k] for k in sw.OUTPUT_COLUMNS if k not in NA_COLUMNS[kind] and isinstance(rec[k], float)}
+        if kind == "se":   # (an estimate exists only for a converged numerical output side: not square loss)
+            assert all(np.isnan(rec[k]) or rec[k] >= 0 for k in STDERR), rec
+        vals = {k: rec[k] for k in sw.OUTPUT_COLUMNS
+                if k not in NA_COLUMNS[kind] + STDERR and isinstance(rec[k], float)}
         check(f"sweep {kind}", lambda: _Row(vals, bool(rec["converged"]), rec["message"]))
 
 

@@ -243,7 +243,7 @@ def test_coarse_preconditioner_is_the_inverse_of_one_minus_the_jacobian(alpha, l
     """The preconditioner of the full level, ``(I - J)^{-1}`` from one-sided differences along
     ``(m at fixed s, q, V)``, against ``I - J`` by central differences of the SE map composed here
     from the public factors (steps relative to each coordinate and, for q, to ``s = q - m^2/Q*``)."""
-    import amp_attention.se as se_module
+    import amp_attention.se_levels as se_levels
     from amp_attention.denoisers import make_denoiser
     from amp_attention.losses import make_loss
     from amp_attention.output_sample import OutputSample
@@ -263,8 +263,8 @@ def test_coarse_preconditioner_is_the_inverse_of_one_minus_the_jacobian(alpha, l
     h = np.array([1e-6 * abs(x[0]), 1e-3 * s, 1e-6 * x[2]])
     h[0] = min(h[0], 1e-3 * s * law.Q / (2 * abs(x[0])))      # central steps in m stay in the domain
     J = np.column_stack([(G(x + hi * e) - G(x - hi * e)) / (2 * hi) for hi, e in zip(h, np.eye(3))])
-    M = se_module._coarse_preconditioner(loss, lambda a, D, A: den.se_overlaps(law, a, D, A), sample,
-                                         tuple(x))
+    M = se_levels.coarse_preconditioner(loss, lambda a, D, A: den.se_overlaps(law, a, D, A), sample,
+                                        tuple(x))
     assert M is not None
     ref = np.eye(3) - J
     got = np.linalg.inv(M)
@@ -287,20 +287,26 @@ def test_two_level_near_perfect_recovery_uses_the_coarse_jacobian():
         assert abs(getattr(two, k) - getattr(one, k)) <= 1e-7 * max(1.0, abs(getattr(one, k))), k
 
 
+def _runs_over_scramblings(monkeypatch, seeds, *args, **kw):
+    """The SE once per internal QMC seed (every rule of the run scrambled with that seed)."""
+    import amp_attention.se as se_module
+
+    runs = []
+    for seed in seeds:
+        monkeypatch.setattr(se_module, "OutputSample",
+                            lambda *a, _s=seed, **k: OutputSample(*a, **dict(k, qmc_seed=_s)))
+        runs.append(state_evolution(*args, **kw))
+    return runs
+
+
 @pytest.mark.parametrize("alpha", [0.05, 0.5])
 def test_fixed_point_stderr_matches_the_spread_over_scramblings(alpha, monkeypatch):
     """``SEResult.stderr`` (replicate spread of the last conjugates carried by ``(I - J)^{-1}``)
     against the empirical spread of the fixed point over 8 independent scramblings of the whole
     rule (the internal QMC seed): the same size, within the sampling error of 8 runs."""
-    import amp_attention.se as se_module
-    from amp_attention.output_sample import OutputSample
-
-    law, runs = aa.SpectralLaw.wishart(0.5), []
-    for seed in range(8):
-        monkeypatch.setattr(se_module, "OutputSample",
-                            lambda *a, _s=seed, **kw: OutputSample(*a, **dict(kw, qmc_seed=_s)))
-        runs.append(state_evolution(alpha, 2, law, aa.SoftmaxChannel(1.0), "cross_entropy", "nuclear", 0.01,
-                                    n_mc=65_536, tol=1e-10, max_iter=500, predictions=False))
+    runs = _runs_over_scramblings(monkeypatch, range(8), alpha, 2, aa.SpectralLaw.wishart(0.5),
+                                  aa.SoftmaxChannel(1.0), "cross_entropy", "nuclear", 0.01,
+                                  n_mc=65_536, tol=1e-10, max_iter=500, predictions=False)
     assert all(r.converged and r.stderr is not None for r in runs)
     for k in ("m", "q", "V", "mse"):
         empirical = np.std([getattr(r, k) for r in runs], ddof=1)
@@ -319,6 +325,58 @@ def test_fixed_point_stderr_is_none_without_replicates_or_preconditioner():
                            **kw).stderr is None                                 # closed form: no nodes
     with pytest.warns(ConvergenceWarning):
         assert state_evolution(*args, max_iter=3, **kw).stderr is None         # not converged
+
+
+def test_precision_target_grows_the_rule_until_the_fixed_point_is_that_reproducible(monkeypatch):
+    """``precision=``: at alpha = 0.05 (V ~ 22, the hardest point for the quadrature) the rule grows
+    until ``stderr`` is below the target, and the fixed point's actual spread over independent
+    scramblings of every rule is then of that size, and smaller than without the target."""
+    args = (0.05, 2, aa.SpectralLaw.wishart(0.5), aa.SoftmaxChannel(1.0), "cross_entropy", "nuclear", 0.01)
+    kw = dict(n_mc=65_536, tol=1e-10, max_iter=500, predictions=False)
+    target = 2e-4
+    plain = _runs_over_scramblings(monkeypatch, range(4), *args, **kw)
+    held = _runs_over_scramblings(monkeypatch, range(4), *args, precision=target, **kw)
+    assert all(r.stderr["V"] > target for r in plain)  # (the target needs a larger rule here)
+    for r in held:
+        assert r.converged and "precision 0.0002 reached" in r.message
+        assert max(r.stderr.values()) <= target
+        assert r.params["n_mc_used"][0] == 65_536 < r.params["n_mc_used"][-1] <= 16 * 65_536
+    spread_held = np.std([r.V for r in held], ddof=1)
+    assert spread_held <= 2.5 * target
+    assert spread_held < np.std([r.V for r in plain], ddof=1)
+
+
+def test_precision_not_reached_warns_and_keeps_the_last_converged_fixed_point(monkeypatch):
+    import amp_attention.se_levels as se_levels
+
+    monkeypatch.setattr(se_levels, "PRECISION_MAX_GROWTH", 2)
+    args = (0.5, 2, aa.SpectralLaw.wishart(0.5), aa.SoftmaxChannel(1.0), "cross_entropy", "nuclear", 0.01)
+    kw = dict(n_mc=65_536, predictions=False)
+    with pytest.warns(ConvergenceWarning, match="precision target 1e-09 was not reached: the node budget limit"):
+        r = state_evolution(*args, precision=1e-9, **kw)
+    assert r.converged and "precision 1e-09 not reached" in r.message
+    assert r.params["n_mc_used"] == [65_536, 131_072] and r.params["precision"] == 1e-9
+    base = state_evolution(*args, **kw)
+    assert abs(r.V - base.V) <= 5 * base.stderr["V"]   # the same fixed point, on a larger rule
+    assert r.stderr["V"] < base.stderr["V"]
+
+
+def test_precision_is_checked_and_ignored_by_closed_form_output_sides():
+    import warnings
+
+    args = (0.5, 2, aa.SpectralLaw.wishart(0.5), aa.SoftmaxChannel(1.0), "cross_entropy", "nuclear", 0.01)
+    for bad in (0.0, -1e-4, float("nan"), float("inf"), "1e-4", True):
+        with pytest.raises(ValueError, match="precision"):
+            state_evolution(*args, precision=bad, n_mc=65_536)
+    for other in (dict(output_rule="qmc"), dict(acceleration=None), dict(damping=(0.5, 0.5)),
+                  dict(callback=lambda t, h: False)):
+        with pytest.raises(ValueError, match="precision needs"):
+            state_evolution(*args, precision=1e-4, n_mc=65_536, **other)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        r = state_evolution(0.5, 2, aa.SpectralLaw.wishart(0.5), aa.LinearChannel(0.1), "square", "nuclear",
+                            0.01, precision=1e-12)
+    assert r.converged and r.params["n_mc_used"] == [r.params["n_mc"]] and "precision" not in r.message
 
 
 def test_small_alpha_fixed_point_does_not_depend_on_the_node_budget():

@@ -200,6 +200,27 @@ def test_se_acceleration_parameter(tmp_path):
         sw.sweep("amp", {"acceleration": ["none"]})
 
 
+def test_se_precision_parameter_and_stderr_columns(tmp_path, amp_serial):
+    """``precision`` (0: none) reaches the SE; ``stderr_*`` are the SE's error estimate of its fixed
+    point (NaN for kinds without one); both survive a CSV round trip."""
+    import amp_attention as aa
+
+    r = aa.state_evolution(0.5, 2, aa.SpectralLaw.wishart(0.5), aa.SoftmaxChannel(1.0), "cross_entropy", "nuclear",
+                           0.01, n_mc=65_536)
+    target = float(f"{r.stderr['V'] / 3:.3g}")
+    df = sw.sweep("se", {"alpha": [0.5], "lam": [0.01], "n_mc": [65_536], "precision": [0.0, target]}, progress=False)
+    assert sw.PARAMETERS["se"]["precision"] == 0.0 and df["converged"].all()
+    for k in ("m", "q", "V", "mse"):
+        assert df[f"stderr_{k}"][0] == pytest.approx(r.stderr[k], rel=1e-6)
+        assert df[f"stderr_{k}"][1] <= target
+    assert "precision" not in df["message"][0] and f"precision {target:g} reached" in df["message"][1]
+    assert amp_serial[["stderr_m", "stderr_q", "stderr_V", "stderr_mse"]].isna().all().all()
+    sw.write_sweep(df, tmp_path / "p.csv")
+    pd.testing.assert_frame_equal(df, sw.read_sweep(tmp_path / "p.csv"), check_exact=True)
+    with pytest.raises(ValueError, match="precision"):
+        sw.sweep("se", {"precision": [-1e-4]}, progress=False)
+
+
 def test_point_seed_depends_on_point_not_order():
     p = dict(sw.PARAMETERS["se"])
     a = sw.point_seed("se", p, 0).generate_state(2)
