@@ -40,7 +40,8 @@ from .losses import make_loss
 from .model import Teacher, as_spectral_law, check_channel
 from .output_sample import METHODS as RULES
 from .output_sample import DEFAULT_N_MC, OutputSample
-from .se_levels import check_precision, coarse_budget, fixed_point_stderr, iterate_two_level, refine_to_precision
+from .se_levels import (COARSE_FACTOR, COARSE_MIN_NODES, check_precision, coarse_budget, fixed_point_stderr,
+                        iterate_two_level, refine_to_precision)
 from .se_loop import QUIET, check_acceleration, check_init, erm_change, iterate_se
 from .whitening import n_pairs
 
@@ -203,8 +204,10 @@ def state_evolution(alpha, T, teacher, channel, loss="cross_entropy", reg="nucle
         §7.3).
         ``params['n_mc_used']`` lists the budgets used; a target not reached is said in ``message``
         and warned about (:class:`~sklearn.exceptions.ConvergenceWarning`).  Needs the defaults
-        ``output_rule='auto'``, ``acceleration='anderson'``, ``input_side='free'``; closed-form
-        output sides have no quadrature error and ignore it.
+        ``output_rule='auto'``, ``acceleration='anderson'``, ``input_side='free'``, no callback or
+        damping schedule, and ``n_mc >= 65536`` (the two-level rule); closed-form output sides
+        have no quadrature error and ignore it.  ``precision`` bounds one standard error: the
+        spread over independent rules is typically 2-3 times larger.
     callback : optional ``callback(t, history)``; returning True stops.
     init : optional starting ``(m, q, V)`` (default ``(0, 0, 1)``, GAMP's ``S^0 = 0, V^0 = 1``): three
         finite numbers, as a sequence or a mapping (or object) with ``m``, ``q``, ``V``, with ``q >= 0``,
@@ -242,6 +245,10 @@ def state_evolution(alpha, T, teacher, channel, loss="cross_entropy", reg="nucle
     m, q, V = check_init(init, Q)
     precision = check_precision(precision, output_rule, acceleration, input_side, damping, callback)
     n_coarse = coarse_budget(output, sample, output_rule, damping, callback)
+    closed_form = type(output).se_conjugates is not OutputFactor.se_conjugates
+    if precision is not None and n_coarse is None and not closed_form:
+        raise ValueError(f"precision needs n_mc >= {COARSE_FACTOR * COARSE_MIN_NODES} (the two-level rule, "
+                         f"whose coarse Jacobian gives the error estimate), got n_mc = {n_mc}")
     coarse = None if n_coarse is None else OutputSample(alpha, T, Q, channel, n_mc=n_coarse, method="qmc")
     kw = dict(output=output, denoiser=denoiser, overlaps=overlaps, damping=damping, callback=callback,
               change=erm_change, what="the ERM state evolution", acceleration=acceleration)
@@ -249,7 +256,7 @@ def state_evolution(alpha, T, teacher, channel, loss="cross_entropy", reg="nucle
                                                          tol=tol, **kw)
     stderr = (fixed_point_stderr(output, overlaps, sample, M)  # (R + 1 input-side calls: cheap if free)
               if outcome["converged"] and input_side == "free" else None)
-    budgets, closed_form = [sample.n_mc], type(output).se_conjugates is not OutputFactor.se_conjugates
+    budgets = [sample.n_mc]
     if precision is not None and outcome["converged"] and not closed_form:  # (closed form: no quadrature)
         fixed, outcome, sample, stderr, budgets, reason = refine_to_precision(
             precision, sample, fixed, outcome, M, stderr, max_iter=max_iter, tol=tol, **kw)

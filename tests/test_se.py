@@ -369,9 +369,12 @@ def test_precision_is_checked_and_ignored_by_closed_form_output_sides():
         with pytest.raises(ValueError, match="precision"):
             state_evolution(*args, precision=bad, n_mc=65_536)
     for other in (dict(output_rule="qmc"), dict(acceleration=None), dict(damping=(0.5, 0.5)),
-                  dict(callback=lambda t, h: False)):
+                  dict(callback=lambda t, h: False), dict(n_mc=65_535)):
         with pytest.raises(ValueError, match="precision needs"):
-            state_evolution(*args, precision=1e-4, n_mc=65_536, **other)
+            state_evolution(*args, precision=1e-4, **dict(dict(n_mc=65_536), **other))
+    teacher = aa.Teacher.wishart(30, 0.5, np.random.default_rng(0))
+    with pytest.raises(ValueError, match="precision needs input_side='free'"):
+        state_evolution(0.5, 2, teacher, *args[3:], precision=1e-4, input_side="finite")
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         r = state_evolution(0.5, 2, aa.SpectralLaw.wishart(0.5), aa.LinearChannel(0.1), "square", "nuclear",
