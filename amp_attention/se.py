@@ -34,14 +34,14 @@ import numpy as np
 from ._validation import check_nonnegative, check_positive, check_rng, check_T
 from .bayes_outputs import bayes_output
 from .denoisers import RIEDenoiser, make_denoiser
-from .factors import OutputFactor, Overlaps
+from .factors import Overlaps
 from .loop import warn_user
 from .losses import make_loss
 from .model import Teacher, as_spectral_law, check_channel
 from .output_sample import METHODS as RULES
 from .output_sample import DEFAULT_N_MC, OutputSample
 from .se_levels import (COARSE_FACTOR, COARSE_MIN_NODES, check_precision, coarse_budget, fixed_point_stderr,
-                        iterate_two_level, refine_to_precision)
+                        integrates_numerically, iterate_two_level, refine_to_precision)
 from .se_loop import QUIET, check_acceleration, check_init, erm_change, iterate_se
 from .whitening import n_pairs
 
@@ -245,8 +245,8 @@ def state_evolution(alpha, T, teacher, channel, loss="cross_entropy", reg="nucle
     m, q, V = check_init(init, Q)
     precision = check_precision(precision, output_rule, acceleration, input_side, damping, callback)
     n_coarse = coarse_budget(output, sample, output_rule, damping, callback)
-    closed_form = type(output).se_conjugates is not OutputFactor.se_conjugates
-    if precision is not None and n_coarse is None and not closed_form:
+    numerical = integrates_numerically(output)
+    if precision is not None and n_coarse is None and numerical:
         raise ValueError(f"precision needs n_mc >= {COARSE_FACTOR * COARSE_MIN_NODES} (the two-level rule, "
                          f"whose coarse Jacobian gives the error estimate), got n_mc = {n_mc}")
     coarse = None if n_coarse is None else OutputSample(alpha, T, Q, channel, n_mc=n_coarse, method="qmc")
@@ -257,7 +257,7 @@ def state_evolution(alpha, T, teacher, channel, loss="cross_entropy", reg="nucle
     stderr = (fixed_point_stderr(output, overlaps, sample, M)  # (R + 1 input-side calls: cheap if free)
               if outcome["converged"] and input_side == "free" else None)
     budgets = [sample.n_mc]
-    if precision is not None and outcome["converged"] and not closed_form:  # (closed form: no quadrature)
+    if precision is not None and outcome["converged"] and numerical:  # (closed form: no quadrature)
         fixed, outcome, sample, stderr, budgets, reason = refine_to_precision(
             precision, sample, fixed, outcome, M, stderr, max_iter=max_iter, tol=tol, **kw)
         if reason is None:

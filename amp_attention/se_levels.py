@@ -12,15 +12,16 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 
 from ._validation import InsufficientMemoryError, check_positive
 from .factors import OutputFactor
-from .loop import check_damping
+from .loop import ConvergenceWarning, check_damping
 from .se_loop import check_acceleration, half_ratio_sq, in_domain, iterate_se, se_map
 
-__all__ = ["iterate_two_level", "coarse_budget", "coarse_preconditioner", "fixed_point_stderr",
+__all__ = ["iterate_two_level", "integrates_numerically", "coarse_budget", "coarse_preconditioner", "fixed_point_stderr",
            "check_precision", "refine_to_precision", "COARSE_FACTOR", "COARSE_TOL", "COARSE_MIN_NODES",
            "JACOBIAN_STEP", "JACOBIAN_MAX_COND", "PRECISION_MAX_GROWTH", "PRECISION_MARGIN"]
 
@@ -38,6 +39,12 @@ JACOBIAN_STEP = 1e-4
 JACOBIAN_MAX_COND = 1e8
 
 
+def integrates_numerically(output) -> bool:
+    """The output factor averages over the sample's nodes (the generic
+    :meth:`~amp_attention.factors.OutputFactor.se_conjugates`), not in closed form."""
+    return type(output).se_conjugates is OutputFactor.se_conjugates
+
+
 def coarse_budget(output, sample, output_rule, damping, callback):
     """The node budget of the coarse level of ``output_rule='auto'``, or None when the two-level
     rule does not apply: a rule other than ``'auto'``, a factor with closed-form conjugates (no
@@ -45,7 +52,7 @@ def coarse_budget(output, sample, output_rule, damping, callback):
     one trajectory), or fewer than ``COARSE_MIN_NODES`` coarse nodes."""
     if output_rule != "auto" or callback is not None or isinstance(check_damping(damping), tuple):
         return None
-    if type(output).se_conjugates is not OutputFactor.se_conjugates:
+    if not integrates_numerically(output):
         return None
     n_coarse = sample.n_mc // COARSE_FACTOR
     return n_coarse if n_coarse >= COARSE_MIN_NODES else None
@@ -195,8 +202,10 @@ def refine_to_precision(precision, sample, fixed, outcome, M, stderr, *, max_ite
             bigger = sample.resized(n_new)
         except InsufficientMemoryError as exc:
             return fixed, outcome, sample, stderr, budgets, str(exc)
-        state, last, more = iterate_se(sample=bigger, init=fixed[0], max_iter=max_iter - outcome["n_iter"],
-                                       tol=tol, preconditioner=M, **kw)
+        with warnings.catch_warnings():  # (a round that stops short is reported by the caller's warning)
+            warnings.simplefilter("ignore", ConvergenceWarning)
+            state, last, more = iterate_se(sample=bigger, init=fixed[0], max_iter=max_iter - outcome["n_iter"],
+                                           tol=tol, preconditioner=M, **kw)
         if not more["converged"]:
             return (fixed, outcome, sample, stderr, budgets,
                     f"the SE on {n_new} nodes stopped without converging ({more['message']})")

@@ -359,6 +359,11 @@ def test_precision_not_reached_warns_and_keeps_the_last_converged_fixed_point(mo
     base = state_evolution(*args, **kw)
     assert abs(r.V - base.V) <= 5 * base.stderr["V"]   # the same fixed point, on a larger rule
     assert r.stderr["V"] < base.stderr["V"]
+    # a round that cannot converge (one step left) is dropped: the first fixed point stays, one warning
+    with pytest.warns(ConvergenceWarning) as caught:
+        short = state_evolution(*args, precision=1e-9, max_iter=base.n_iter + 1, **kw)
+    assert len(caught) == 1 and "stopped without converging" in str(caught[0].message)
+    assert short.converged and (short.n_iter, short.V, short.params["n_mc_used"]) == (base.n_iter, base.V, [65_536])
 
 
 def test_precision_is_checked_and_ignored_by_closed_form_output_sides():
