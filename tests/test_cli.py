@@ -107,6 +107,14 @@ def test_se_precision_option_and_the_error_estimate_in_the_output(capsys):
     with pytest.raises(SystemExit) as exc:
         main(["se", "--precision", "0"])
     assert exc.value.code == 2 and "--precision" in capsys.readouterr().err
+    # the spectrum command runs the same SE: the same option and estimate
+    spec = _json(capsys, ["spectrum", "--alpha", "0.5", "--lam", "0.01", "--n-mc", "65536", "--precision",
+                          repr(target), "--json"])["se"]
+    assert spec["converged"] and max(spec[f"stderr_{k}"] for k in ("m", "q", "V", "mse")) <= target
+    assert spec["V"] == pytest.approx(held["V"][0], abs=5 * target)
+    with pytest.raises(SystemExit) as exc:
+        main(["spectrum", "--estimator", "bayes", "--precision", "1e-4"])
+    assert exc.value.code == 2 and "--precision applies to --estimator erm" in capsys.readouterr().err
 
 
 def test_se_acceleration_option(capsys):
