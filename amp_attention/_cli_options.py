@@ -254,6 +254,20 @@ def small_d_error(exc, d, T, variance):
                       f"matrices are singular ({one_line(exc)}); use --variance scalar or --d >= {d_min}")
 
 
+def add_precision(p):
+    """``--precision`` of the commands that run the ERM SE to its fixed point."""
+    p.add_argument("--precision", type=positive_float, default=None,
+                   help="--estimator erm: grow the output-side rule until the fixed point's error estimate "
+                        "(stderr of m, q, V, mse) is below this (e.g. 1e-4; default: no target)")
+
+
+def check_precision_estimator(args):
+    """``--precision`` needs ``--estimator erm`` (ValueError otherwise)."""
+    if args.precision is not None and args.estimator != "erm":
+        raise ValueError("--precision applies to --estimator erm (the Bayes-optimal SE has a closed-form or "
+                         "exact output side here)")
+
+
 def add_acceleration(p):
     """``--acceleration`` of the commands that run the state evolution to its fixed point."""
     p.add_argument("--acceleration", choices=["anderson", "none"], default="anderson",

@@ -133,19 +133,6 @@ def _se_fixed_point(r) -> dict:
             "q_hat": _last(r.history, "q_hat"), "a": _last(r.history, "a"), "Delta": _last(r.history, "Delta")}
 
 
-def _add_precision(p):
-    """``--precision`` of the commands that run the ERM SE to its fixed point."""
-    p.add_argument("--precision", type=_positive_float, default=None,
-                   help="--estimator erm: grow the output-side rule until the fixed point's error estimate "
-                        "(stderr of m, q, V, mse) is below this (e.g. 1e-4; default: no target)")
-
-
-def _check_precision_estimator(args):
-    if args.precision is not None and args.estimator != "erm":
-        raise ValueError("--precision applies to --estimator erm (the Bayes-optimal SE has a closed-form or "
-                         "exact output side here)")
-
-
 def _se_stderr(r) -> dict:
     """The ERM SE's error estimate of its fixed point (``SEResult.stderr``; None where there is none)."""
     err = getattr(r, "stderr", None) or {}
@@ -282,7 +269,7 @@ def cmd_se(args) -> dict:
         teacher = _make_teacher(args, args.d, np.random.default_rng(args.seed))
         law = aa.SpectralLaw.atoms(teacher.eigenvalues)
     erm = args.estimator == "erm"
-    _check_precision_estimator(args)
+    opt.check_precision_estimator(args)
     keys = (["mse", "m", "q", "test_error", "test_error_noisy"] + (["train_loss", "train_objective"] if erm else [])
             + ["V", "A_hat", "m_hat", "q_hat", "a", "Delta", "stderr_m", "stderr_q", "stderr_V", "stderr_mse",
                "converged", "n_iter"])
@@ -441,7 +428,7 @@ def cmd_spectrum(args) -> dict:
     from amp_attention.spectral import shat_spectrum
 
     channel = _make_channel(args)
-    _check_precision_estimator(args)
+    opt.check_precision_estimator(args)
     opt.check_se(f"the state evolution at T={args.T}, n_mc={args.n_mc}", args.T, args.n_mc)
     if args.d is not None:
         opt.check_sampled_run(f"AMP at d={args.d}, T={args.T}, alpha={args.alpha:g}", args.alpha, args.T, args.d, 0,
@@ -592,7 +579,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prox-start", dest="prox_start", choices=["global", "teacher"], default="global",
                    help="softmax_square only: the SE's prox is the global minimiser or the one reached from z*")
     p.add_argument("--seed", type=opt.seed, default=0, help="seed of the Monte Carlo draws")
-    _add_precision(p)
+    opt.add_precision(p)
     opt.add_acceleration(p)
     p.set_defaults(func=cmd_se)
 
@@ -638,7 +625,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="support intervals lighter than this (other than the heaviest) are outliers")
     p.add_argument("--variance", choices=["sample", "scalar"], default="sample", help="AMP variances (with --d)")
     p.add_argument("--seed", type=opt.seed, default=0, help="seed of the SE draws and of the AMP instance")
-    _add_precision(p)
+    opt.add_precision(p)
     opt.add_acceleration(p)
     p.set_defaults(func=cmd_spectrum)
 
