@@ -40,8 +40,8 @@ from .losses import make_loss
 from .model import Teacher, as_spectral_law, check_channel
 from .output_sample import METHODS as RULES
 from .output_sample import DEFAULT_N_MC, OutputSample
-from .se_levels import (COARSE_FACTOR, COARSE_MIN_NODES, check_precision, coarse_budget, fixed_point_stderr,
-                        integrates_numerically, iterate_two_level, refine_to_precision)
+from .se_levels import (check_precision, coarse_budget, fixed_point_stderr, integrates_numerically,
+                        iterate_two_level, refine_to_precision)
 from .se_loop import QUIET, check_acceleration, check_init, erm_change, iterate_se
 from .whitening import n_pairs
 
@@ -243,12 +243,9 @@ def state_evolution(alpha, T, teacher, channel, loss="cross_entropy", reg="nucle
     sample = OutputSample(alpha, T, Q, channel, n_mc=n_mc, seed=seed, method=output_rule)
     overlaps = _input_overlaps(denoiser, law, input_side, eig, n_draws, seed)
     m, q, V = check_init(init, Q)
-    precision = check_precision(precision, output_rule, acceleration, input_side, damping, callback)
+    precision = check_precision(precision, output, sample, output_rule, acceleration, input_side, damping,
+                                callback)
     n_coarse = coarse_budget(output, sample, output_rule, damping, callback)
-    numerical = integrates_numerically(output)
-    if precision is not None and n_coarse is None and numerical:
-        raise ValueError(f"precision needs n_mc >= {COARSE_FACTOR * COARSE_MIN_NODES} (the two-level rule, "
-                         f"whose coarse Jacobian gives the error estimate), got n_mc = {n_mc}")
     coarse = None if n_coarse is None else OutputSample(alpha, T, Q, channel, n_mc=n_coarse, method="qmc")
     kw = dict(output=output, denoiser=denoiser, overlaps=overlaps, damping=damping, callback=callback,
               change=erm_change, what="the ERM state evolution", acceleration=acceleration)
@@ -257,7 +254,7 @@ def state_evolution(alpha, T, teacher, channel, loss="cross_entropy", reg="nucle
     stderr = (fixed_point_stderr(output, overlaps, sample, M)  # (R + 1 input-side calls: cheap if free)
               if outcome["converged"] and input_side == "free" else None)
     budgets = [sample.n_mc]
-    if precision is not None and outcome["converged"] and numerical:  # (closed form: no quadrature)
+    if precision is not None and outcome["converged"] and integrates_numerically(output):  # (else: exact)
         fixed, outcome, sample, stderr, budgets, reason = refine_to_precision(
             precision, sample, fixed, outcome, M, stderr, max_iter=max_iter, tol=tol, **kw)
         if reason is None:

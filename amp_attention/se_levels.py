@@ -123,6 +123,12 @@ def fixed_point_stderr(output, overlaps, sample, M):
     return dict(zip(("m", "q", "V", "mse"), (float(v) for v in se)))
 
 
+def _joined(first, second):
+    """``(n_iter, history)`` of two consecutive runs of :func:`iterate_se` (histories concatenated)."""
+    history = {k: np.concatenate([first["history"][k], v]) for k, v in second["history"].items()}
+    return first["n_iter"] + second["n_iter"], history
+
+
 def iterate_two_level(coarse, fine, *, init, max_iter, tol, **kw):
     """:func:`iterate_se` on the ``coarse`` sample to ``max(tol, COARSE_TOL)``, then on ``fine``
     from the coarse state with the remaining steps (``coarse`` None: ``fine`` only); with
@@ -145,8 +151,8 @@ def iterate_two_level(coarse, fine, *, init, max_iter, tol, **kw):
         M = coarse_preconditioner(kw["output"], kw["overlaps"], coarse, state)
     state, last, second = iterate_se(sample=fine, init=state, max_iter=max_iter - n1, tol=tol,
                                      preconditioner=M, **kw)
-    history = {k: np.concatenate([first["history"][k], v]) for k, v in second["history"].items()}
-    outcome = dict(second, n_iter=n1 + second["n_iter"], history=history,
+    n_iter, history = _joined(first, second)
+    outcome = dict(second, n_iter=n_iter, history=history,
                    message=f"{second['message']} (after {n1} steps on the coarse rule)")
     return state, last, outcome, n1, M
 
@@ -156,8 +162,9 @@ PRECISION_MAX_GROWTH = 16
 PRECISION_MARGIN = 1.25
 
 
-def check_precision(precision, output_rule, acceleration, input_side, damping, callback):
-    """``precision``: None or a finite number > 0, with the settings that give ``stderr``."""
+def check_precision(precision, output, sample, output_rule, acceleration, input_side, damping, callback):
+    """``precision``: None or a finite number > 0, with the settings that give ``stderr`` (for an
+    output factor that integrates numerically: with closed forms there is nothing to refine)."""
     if precision is None:
         return None
     precision = check_positive(precision, "precision")
@@ -170,6 +177,9 @@ def check_precision(precision, output_rule, acceleration, input_side, damping, c
             raise ValueError(f"precision needs {name}={want!r} (the fixed point's error estimate), got {value!r}")
     if callback is not None or isinstance(check_damping(damping), tuple):
         raise ValueError("precision needs no callback and no damping schedule (the two-level rule's error estimate)")
+    if integrates_numerically(output) and coarse_budget(output, sample, output_rule, damping, callback) is None:
+        raise ValueError(f"precision needs n_mc >= {COARSE_FACTOR * COARSE_MIN_NODES} (the two-level rule, "
+                         f"whose coarse Jacobian gives the error estimate), got n_mc = {sample.n_mc}")
     return precision
 
 
@@ -186,31 +196,33 @@ def refine_to_precision(precision, sample, fixed, outcome, M, stderr, *, max_ite
     target is met, else why not."""
     budgets = [sample.n_mc]
     limit = PRECISION_MAX_GROWTH * sample.n_mc
-    while True:
+    reason = None
+    while stderr is None or max(stderr.values()) > precision:
         if stderr is None:
-            return fixed, outcome, sample, stderr, budgets, "no error estimate of the fixed point"
-        worst = max(stderr.values())
-        if worst <= precision:
-            return fixed, outcome, sample, stderr, budgets, None
-        n_new = min(math.ceil(PRECISION_MARGIN * worst / precision * sample.n_mc), limit)
+            reason = "no error estimate of the fixed point"
+            break
+        n_new = min(math.ceil(PRECISION_MARGIN * max(stderr.values()) / precision * sample.n_mc), limit)
         if n_new <= sample.n_mc:
             reason = f"the node budget limit {limit} ({PRECISION_MAX_GROWTH} n_mc)"
-            return fixed, outcome, sample, stderr, budgets, reason
+            break
         if outcome["n_iter"] >= max_iter:
-            return fixed, outcome, sample, stderr, budgets, f"max_iter = {max_iter} steps used"
+            reason = f"max_iter = {max_iter} steps used"
+            break
         try:
             bigger = sample.resized(n_new)
         except InsufficientMemoryError as exc:
-            return fixed, outcome, sample, stderr, budgets, str(exc)
+            reason = str(exc)
+            break
         with warnings.catch_warnings():  # (a round that stops short is reported by the caller's warning)
             warnings.simplefilter("ignore", ConvergenceWarning)
             state, last, more = iterate_se(sample=bigger, init=fixed[0], max_iter=max_iter - outcome["n_iter"],
                                            tol=tol, preconditioner=M, **kw)
         if not more["converged"]:
-            return (fixed, outcome, sample, stderr, budgets,
-                    f"the SE on {n_new} nodes stopped without converging ({more['message']})")
-        history = {k: np.concatenate([outcome["history"][k], v]) for k, v in more["history"].items()}
-        outcome = dict(outcome, n_iter=outcome["n_iter"] + more["n_iter"], history=history)
+            reason = f"the SE on {n_new} nodes stopped without converging ({more['message']})"
+            break
+        n_iter, history = _joined(outcome, more)
+        outcome = dict(outcome, n_iter=n_iter, history=history)
         sample, fixed = bigger, (state, last)
         stderr = fixed_point_stderr(kw["output"], kw["overlaps"], sample, M)
         budgets.append(n_new)
+    return fixed, outcome, sample, stderr, budgets, reason
