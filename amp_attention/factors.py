@@ -190,7 +190,8 @@ class OutputFactor:
         view.warm_start = sample.warm_start = info.get("p")
         tr = dg if dg.ndim == 1 else np.trace(dg, axis1=1, axis2=2)
         r2 = q - m * m / view.Qz  # variance of the part of omega independent of the labels
-        if not self.smooth_g_out and r2 > 1e-12 * max(q, 1e-300):
+        stein = r2 > 1e-12 * max(q, 1e-300)  # (Stein's lemma in that part applies)
+        if not self.smooth_g_out and stein:
             # Stein's identity on g: E Tr(-dg/domega) = -E[g . xi_2] / sqrt(r2), which counts the
             # jumps of a discontinuous g (a global minimiser switching branch) that the pointwise
             # Jacobian misses
@@ -204,7 +205,7 @@ class OutputFactor:
         else:
             gz = np.sum(g * zs, axis=1) / Q
         vals = np.stack([tr, gz, gg], axis=1)
-        if self.smooth_g_out and r2 > 1e-12 * max(q, 1e-300):
+        if self.smooth_g_out and stein:
             vals[:, 2] = stein_controlled(gg, g, view, tr, math.sqrt(r2))
         view.last_values = vals                       # (for the SE's error estimate of its fixed point)
         (A_hat, m_hat, q_hat), err = alpha * view.mean(vals), alpha * view.error(vals)
