@@ -19,7 +19,7 @@ import numpy as np
 from ._validation import InsufficientMemoryError, check_positive
 from .factors import OutputFactor
 from .loop import ConvergenceWarning, check_damping
-from .se_loop import check_acceleration, half_ratio_sq, in_domain, iterate_se, se_map
+from .se_loop import check_acceleration, in_domain, iterate_se, replicate_shifts, se_map
 
 __all__ = ["iterate_two_level", "integrates_numerically", "coarse_budget", "coarse_preconditioner", "fixed_point_stderr",
            "check_precision", "refine_to_precision", "COARSE_FACTOR", "COARSE_TOL", "COARSE_MIN_NODES",
@@ -100,24 +100,14 @@ def fixed_point_stderr(output, overlaps, sample, M):
     ``r`` alone is ``x* + M (G(c_r) - G(c))`` to first order (``M = (I - J)^{-1}``); the standard
     error of the full rule's fixed point is the spread of these shifts over ``r`` divided by
     ``sqrt(R)`` (``mse = Q* - 2m + q`` shifts by ``-2 dm + dq``)."""
-    view = sample.view(output)
-    vals = getattr(view, "last_values", None)
-    if M is None or vals is None or view.rule.kind != "replicates":
+    if M is None:
         return None
-    alpha = sample.alpha
-
-    def G(c):
-        A_hat, m_hat, q_hat = c
-        return np.array(overlaps(m_hat / A_hat, half_ratio_sq(q_hat, A_hat), A_hat), dtype=np.float64)
-
-    try:
-        reps = alpha * view.rule.replicate_means(vals)
-        g0 = G(alpha * view.mean(vals))
-        shifts = np.array([M @ (G(c) - g0) for c in reps])
-    except (ValueError, ArithmeticError, RuntimeError, np.linalg.LinAlgError):
+    shifts = replicate_shifts(output, overlaps, sample)
+    if shifts is None:
         return None
+    shifts = shifts @ M.T
     shifts = np.column_stack([shifts, -2.0 * shifts[:, 0] + shifts[:, 1]])
-    se = shifts.std(axis=0, ddof=1) / np.sqrt(len(reps))
+    se = shifts.std(axis=0, ddof=1) / np.sqrt(len(shifts))
     if not np.all(np.isfinite(se)):
         return None
     return dict(zip(("m", "q", "V", "mse"), (float(v) for v in se)))

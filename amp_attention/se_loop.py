@@ -17,9 +17,11 @@ import numpy as np
 
 from .anderson import Anderson
 from .loop import Loop, check_damping
+from .output_sample import has_smooth_g_out
 
-__all__ = ["iterate_se", "se_map", "erm_change", "check_init", "in_domain", "check_acceleration",
-           "half_ratio_sq", "SE_HISTORY_KEYS", "ACCELERATIONS", "QUIET"]
+__all__ = ["iterate_se", "se_map", "input_side_map", "replicate_shifts", "erm_change", "check_init", "in_domain",
+           "check_acceleration", "half_ratio_sq", "SE_HISTORY_KEYS", "ACCELERATIONS", "QUIET",
+           "RESOLUTION_WINDOW", "RESOLUTION_FRACTION"]
 
 #: Overflow is detected (non-finite state / predictions -> flagged), not warned about.
 QUIET = np.errstate(over="ignore", invalid="ignore", divide="ignore")
@@ -27,6 +29,13 @@ QUIET = np.errstate(over="ignore", invalid="ignore", divide="ignore")
 SE_HISTORY_KEYS = ("m", "q", "V", "mse", "A_hat", "m_hat", "q_hat", "a", "Delta",
                    "stderr_A_hat", "stderr_m_hat", "stderr_q_hat", "time", "anderson", "preconditioned")
 ACCELERATIONS = ("anderson", "none", None)  # ('none': the spelling of the CLI and the sweep, = None)
+
+#: The resolution stop of a map with jumps (docs/theory.md §7.3): for an output factor whose ``g``
+#: is not Lipschitz (``smooth_g_out = False``), the loop also stops, converged, when its change has
+#: set no new low for ``RESOLUTION_WINDOW`` steps and stayed below ``RESOLUTION_FRACTION`` times the
+#: integration error of one step of the map.
+RESOLUTION_WINDOW = 8
+RESOLUTION_FRACTION = 0.25
 
 class _Step(NamedTuple):
     """One step of :func:`iterate_se`: the state it started from, the map's raw value there, the
@@ -50,12 +59,56 @@ def se_map(output, overlaps, sample, state, t):
         a, Delta = m_hat / A_hat, half_ratio_sq(q_hat, A_hat)                         # step 4
         if not Delta > 0:
             return f"step {t}: Delta = {Delta} <= 0 (the output side carries no information)"
-        raw = tuple(float(v) for v in overlaps(a, Delta, A_hat))                       # steps 5-6
+        raw = input_side_map(overlaps, (A_hat, m_hat, q_hat))                           # steps 5-6
         if not all(np.isfinite(v) for v in raw) or raw[1] < 0 or raw[2] < 0:
             return f"step {t}: order parameters out of domain (m, q, V) = {raw}"
     except (ValueError, ArithmeticError, RuntimeError, np.linalg.LinAlgError) as exc:
         return f"step {t}: {type(exc).__name__}: {exc}"  # (numerical trouble of a factor)
     return (A_hat, m_hat, q_hat, err, a, Delta), raw
+
+
+def input_side_map(overlaps, conjugates):
+    """Steps 4-6 of the SE map: ``(m, q, V)`` from the conjugates ``(A_hat, m_hat, q_hat)`` through
+    ``R = a S* + sqrt(Delta) W`` with ``a = m_hat / A_hat``, ``Delta = q_hat / (2 A_hat^2)``."""
+    A_hat, m_hat, q_hat = conjugates
+    return tuple(float(v) for v in overlaps(m_hat / A_hat, half_ratio_sq(q_hat, A_hat), A_hat))
+
+
+def replicate_shifts(output, overlaps, sample):
+    """``(R, 3)``: ``G(c_r) - G(c)`` for the ``R`` independent replicates of the rule, with ``c_r`` the
+    conjugates of the last evaluation computed on replicate ``r`` alone, ``c`` their mean over the
+    whole rule and ``G`` the input side (:func:`input_side_map`); None without replicates (plain
+    Monte Carlo, tensor rules, no evaluation yet) or where ``G`` fails.  Their spread over ``r``,
+    divided by ``sqrt(R)``, is the integration error of one step of the map."""
+    view = sample.view(output)
+    vals = getattr(view, "last_values", None)
+    if vals is None or view.rule.kind != "replicates":
+        return None
+    alpha = sample.alpha
+    try:
+        g0 = np.array(input_side_map(overlaps, alpha * view.mean(vals)))
+        shifts = np.array([np.array(input_side_map(overlaps, c)) - g0
+                           for c in alpha * view.rule.replicate_means(vals)])
+    except (ValueError, ArithmeticError, RuntimeError, np.linalg.LinAlgError):
+        return None
+    return shifts if np.all(np.isfinite(shifts)) else None
+
+
+def _resolution_reached(output, overlaps, sample, state, changes, change):
+    """``(largest recent change, step error)`` when the resolution stop applies, else None: the
+    change has set no new low for ``RESOLUTION_WINDOW`` steps and stayed below
+    ``RESOLUTION_FRACTION`` times the integration error of one step of the map at ``state``
+    (measured like the change, by ``change(state, state + error)``)."""
+    W = RESOLUTION_WINDOW
+    if len(changes) <= W or min(changes[-W:]) <= min(changes[:-W]):
+        return None
+    shifts = replicate_shifts(output, overlaps, sample)
+    if shifts is None:
+        return None
+    error = shifts.std(axis=0, ddof=1) / np.sqrt(len(shifts))
+    step_error = change(state, tuple(s + e for s, e in zip(state, error)))
+    recent = max(changes[-W:])
+    return (recent, step_error) if recent <= RESOLUTION_FRACTION * step_error else None
 
 
 def iterate_se(output, denoiser, sample, overlaps, *, init, max_iter, tol, damping, callback,
@@ -87,6 +140,15 @@ def iterate_se(output, denoiser, sample, overlaps, *, init, max_iter, tol, dampi
     plain step (the memory cleared), then from the previous state with a smaller step when
     ``damping='auto'`` (:meth:`Loop.backtrack`), and otherwise stops the loop with
     ``diverged=True`` and a message naming the step and the reason.
+
+    **Resolution stop.** For an output factor whose ``g`` is not Lipschitz in ``omega``
+    (``smooth_g_out = False``, e.g. the non-convex softmax-square loss, whose prox switches branch on
+    single nodes), the map of a finite rule has jumps of about ``1 / N``: it may have no fixed point
+    at all, and the iteration then circles around one jump at a change that ``tol`` never sees.  On a
+    rule with replicates, the loop therefore also stops, converged, when its change has set no new
+    low for ``RESOLUTION_WINDOW`` steps and stayed below ``RESOLUTION_FRACTION`` times the
+    integration error of one step of the map (:func:`replicate_shifts`, measured by ``change``); the
+    message says so (docs/theory.md §7.3).
     """
     Q = sample.Q
     state = check_init(init, Q)
@@ -94,6 +156,7 @@ def iterate_se(output, denoiser, sample, overlaps, *, init, max_iter, tol, dampi
     accel = Anderson(preconditioner=preconditioner) if check_acceleration(acceleration, damping) else None
     last = (None, None, None)
     prev = None  # the last _Step: where a retry restarts from
+    changes = [] if not has_smooth_g_out(output) else None  # (for the resolution stop)
 
     def evaluate(m, q, V, t):
         """One SE map evaluation; returns (conjugates, raw new state) or an error message."""
@@ -151,6 +214,15 @@ def iterate_se(output, denoiser, sample, overlaps, *, init, max_iter, tol, dampi
             break
         if loop.finished(delta, callback_args=(t, loop.history)):
             break
+        if changes is not None:
+            changes.append(delta)
+            reached = _resolution_reached(output, overlaps, sample, state, changes, change)
+            if reached is not None:
+                loop.converge(f"converged to the resolution of the integration rule: the change ({reached[0]:.2e}) "
+                              f"set no new low for {RESOLUTION_WINDOW} steps, below {RESOLUTION_FRACTION:g} x the "
+                              f"integration error {reached[1]:.2e} of one step of the map, whose jumps (a "
+                              f"non-Lipschitz g) keep it above tol {loop.tol:g}; after {loop.n_iter} steps")
+                break
     return state, last, loop.outcome(what)
 
 

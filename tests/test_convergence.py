@@ -142,3 +142,84 @@ def test_gamp_is_not_converged_while_its_variance_drifts():
     assert S_step[-1] < 1e-8  # S did settle: the old rule would have stopped here
     V = res.history["V"]
     assert abs(V[-1] / V[-2] - 1.05) < 1e-3
+
+
+class _JumpySquare:
+    """A generic (node-averaged) square-loss output factor whose ``g`` is multiplied by
+    ``1 + eps sign(V - V0)``: the SE map jumps across ``V = V0`` and, with ``V0`` the fixed point
+    of the smooth map (``eps = 0``), has no fixed point -- the situation of a non-convex loss whose
+    prox switches branch on single nodes (docs/theory.md §7.3, resolution stop).  Per node
+    ``g = s 2 (z_y - omega) / (1 + 2V)`` (``z_y = whiten(y)``, linear channel) and
+    ``Tr(-dg/domega) = s 2K / (1 + 2V)``."""
+
+    def __new__(cls, V0, eps, smooth=False):
+        from amp_attention.factors import OutputFactor
+        from amp_attention.whitening import whiten
+
+        class Jumpy(OutputFactor):
+            smooth_g_out = smooth
+
+            def g_out(self, y, omega, V, p0=None, jacobian="full"):
+                V = float(V)
+                s = 1.0 + (eps if V > V0 else -eps)
+                g = s * 2.0 * (whiten(np.asarray(y)) - omega) / (1.0 + 2.0 * V)
+                tr = np.full(omega.shape[0], s * 2.0 * omega.shape[1] / (1.0 + 2.0 * V))
+                return g, tr, {"p": omega + V * g}
+
+        return Jumpy()
+
+
+def _run_jumpy(V0, eps, smooth=False, max_iter=200, **kw):
+    from amp_attention.denoisers import make_denoiser
+    from amp_attention.output_sample import OutputSample
+    from amp_attention.se_loop import erm_change, iterate_se
+
+    law = aa.SpectralLaw.wishart(0.5)
+    den = make_denoiser("frobenius", 0.1)
+    sample = OutputSample(0.5, 2, law.Q, aa.LinearChannel(0.0), n_mc=8192, method="qmc")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        state, _, out = iterate_se(_JumpySquare(V0, eps, smooth), den, sample,
+                                   lambda a, D, A: den.se_overlaps(law, a, D, A), init=None, max_iter=max_iter,
+                                   tol=1e-10, callback=None, change=erm_change, **dict(dict(damping="auto"), **kw))
+    return state, out, sample
+
+
+def test_se_map_with_a_small_jump_stops_at_the_resolution_of_its_rule():
+    """A jump of relative size 1e-6 at the smooth map's fixed point: tol = 1e-10 cannot be reached
+    (the map has no fixed point), and the loop stops, converged, by the resolution rule -- within
+    the jump of that fixed point; the stopping criterion recomputed here from the rule's replicates.
+    A jump larger than the rule's error (eps = 1e-2) is not taken for a resolution limit, nor is any
+    jump of a factor that declares ``g`` Lipschitz (``smooth_g_out``): both run to max_iter."""
+    from amp_attention.se_loop import RESOLUTION_FRACTION, RESOLUTION_WINDOW
+
+    smooth_state, smooth_out, _ = _run_jumpy(V0=np.inf, eps=0.0)
+    assert smooth_out["converged"] and "resolution" not in smooth_out["message"]
+    m0, q0, V0 = smooth_state
+    eps = 1e-6
+    (m, q, V), out, sample = _run_jumpy(V0, eps)
+    assert out["converged"] and not out["diverged"], out["message"]
+    assert "resolution of the integration rule" in out["message"]
+    assert out["n_iter"] < 200
+    # it circles the jump: within a few jump sizes of the smooth fixed point
+    assert abs(V - V0) <= 10 * eps * V0 and abs(m - m0) <= 1e-5 and abs(q - q0) <= 1e-5
+    # the tol criterion was never met: the last changes are of the jump's size, not below 1e-10
+    changes = np.abs(np.diff(out["history"]["V"][-RESOLUTION_WINDOW - 1:])) / max(1.0, V)
+    assert changes.max() > 1e-10
+    # the criterion, from the replicate conjugates of the last evaluation (through the public input side)
+    law = aa.SpectralLaw.wishart(0.5)
+    den = aa.make_denoiser("frobenius", 0.1)
+    view = sample.view(_JumpySquare(V0, eps))
+    reps = sample.alpha * view.rule.replicate_means(view.last_values)
+    outs = np.array([den.se_overlaps(law, c[1] / c[0], c[2] / (2 * c[0] ** 2), c[0]) for c in reps])
+    step_error = np.max(outs.std(axis=0, ddof=1) / np.sqrt(len(reps))) / max(1.0, abs(m), abs(q), abs(V))
+    assert changes.max() <= RESOLUTION_FRACTION * step_error * 1.01
+    # a jump above the rule's resolution, or a factor that says g is Lipschitz: no such stop
+    # a slow but steady approach (heavy fixed damping, plain steps) is no stall: it reaches tol
+    _, out, _ = _run_jumpy(V0=np.inf, eps=0.0, max_iter=400, damping=0.9, acceleration=None)
+    assert out["converged"] and "resolution" not in out["message"] and out["n_iter"] > 2 * RESOLUTION_WINDOW
+    # (its V0: that factor's own smooth fixed point, its estimators being those of a Lipschitz g)
+    V0_smooth = _run_jumpy(V0=np.inf, eps=0.0, smooth=True)[0][2]
+    for V_jump, kw in ((V0, {"eps": 1e-2}), (V0_smooth, {"eps": eps, "smooth": True})):
+        _, out, _ = _run_jumpy(V_jump, max_iter=60, **kw)
+        assert not out["converged"] and out["n_iter"] == 60, (kw, out["message"])
