@@ -399,6 +399,21 @@ def indented_progress():
         yield
 
 
+def search_progress(desc, disable):
+    """``(bar, progress)`` for a search of unknown length (the thresholds): a progress bar on stderr
+    and the ``progress(alpha, value, converged)`` callable that advances it by one SE run."""
+    from amp_attention.sweep import progress_bar
+
+    with indented_progress():  # the bar keeps the (indenting) stream it was created with
+        bar = progress_bar(desc=desc, disable=disable, unit="SE run")
+
+    def progress(alpha, value, converged):
+        bar.set_postfix_str(f"alpha={alpha:.5g} criterion={value:.3g}{'' if converged else ' (not converged)'}",
+                            refresh=False)
+        bar.update(1)
+    return bar, progress
+
+
 def one_line_warning(prog):
     """A ``warnings.showwarning`` printing ``prog: warning: Category: message`` on one line."""
 

@@ -501,18 +501,20 @@ def cmd_thresholds(args) -> dict:
         law = aa.SpectralLaw.atoms(_make_teacher(args, args.d, np.random.default_rng(args.seed)).eigenvalues)
     se_kw = {"n_mc": args.n_mc, "seed": args.seed, "acceleration": args.acceleration}
     bracket = (args.lo, args.hi)
-    runs = {"recovery": lambda: aa.recovery_threshold(args.T, law, channel, args.loss, "nuclear", args.lam,
-                                                      bracket=bracket, **se_kw),
-            "interpolation": lambda: aa.interpolation_threshold(args.T, law, channel, args.loss, "frobenius",
-                                                                args.lam, bracket=bracket, **se_kw),
-            "bayes": lambda: aa.bayes_threshold(args.T, law, channel, bracket=bracket)}
+    runs = {"recovery": lambda p: aa.recovery_threshold(args.T, law, channel, args.loss, "nuclear", args.lam,
+                                                        bracket=bracket, progress=p, **se_kw),
+            "interpolation": lambda p: aa.interpolation_threshold(args.T, law, channel, args.loss, "frobenius",
+                                                                  args.lam, bracket=bracket, progress=p, **se_kw),
+            "bayes": lambda p: aa.bayes_threshold(args.T, law, channel, bracket=bracket, progress=p)}
     unknown = [w for w in args.which if w not in runs]
     if unknown:
         raise ValueError(f"--which: unknown threshold(s) {', '.join(unknown)}; expected recovery, interpolation, bayes")
     out = {}
     for name in args.which:
+        bar, progress = opt.search_progress(name, args.json)
         try:
-            t = runs[name]()
+            with bar:
+                t = runs[name](progress)
             out[name] = {"alpha": _optional(t, "alpha"), "found": bool(t.found), "message": t.message,
                          "bracket": _list(t.bracket), "evaluations": len(t.evaluations)}
         except NotImplementedError as exc:  # e.g. the Bayes SE of the hardmax channel

@@ -33,7 +33,8 @@ NaN point; a NaN at an end of the bracket or during the root search ends the sea
 any SE run: the threshold's own (``T``, ``bracket``, ``eps``, ``xtol``, ``lam``, ``max_expand``)
 here, the model's (``teacher``, ``channel``, ``loss``, ``reg`` and the SE keywords) by the SE's
 own checks in a probe run stopped after one step, whose ``ValueError`` propagates: a mistake in
-the caller's input is never reported as a failed point.
+the caller's input is never reported as a failed point.  ``progress(alpha, value, converged)``, if
+given, is called after every SE evaluation (the CLI shows a progress line from it).
 """
 
 from __future__ import annotations
@@ -190,17 +191,24 @@ class _SEFailure(Exception):
 class _Search:
     """Bookkeeping of one threshold search: evaluations, the expansion and the root search."""
 
-    def __init__(self, evaluate, criterion, describe):
+    def __init__(self, evaluate, criterion, describe, progress=None):
         self.evaluate = evaluate      # alpha -> (value, converged, message)
         self.criterion = criterion
         self.describe = describe      # value -> short text, e.g. "mse/Q* = 0.31"
         self.points = []              # (alpha, value, converged, message)
+        self.progress = progress      # None or (alpha, value, converged) -> None, after each evaluation
 
     def f(self, alpha):
         value, converged, message = self.evaluate(alpha)
         value = float(value)
-        self.points.append((alpha, value, bool(converged), str(message)))
+        self.add(alpha, value, bool(converged), str(message))
         return value
+
+    def add(self, alpha, value, converged, message):
+        """Record one evaluation (and report it to ``progress``)."""
+        self.points.append((alpha, value, converged, message))
+        if self.progress is not None:
+            self.progress(float(alpha), value, converged)
 
     def tightest(self):
         """Largest alpha with f > 0 below the smallest alpha with f < 0 (a sign-change bracket)."""
@@ -392,7 +400,7 @@ def _erm_setup(T, teacher, channel, loss, reg, lam, bracket, se_kwargs, predicti
 
 def recovery_threshold(T, teacher, channel, loss="square", reg="nuclear", lam=1e-5, *,
                        bracket=(0.02, 1.0), eps=1e-3, xtol=2e-3, max_expand=3, warm_start=True,
-                       **se_kwargs) -> ThresholdResult:
+                       progress=None, **se_kwargs) -> ThresholdResult:
     """Smallest alpha whose ERM-SE fixed point has ``mse / Q* < eps`` (docs/theory.md §7.5).
 
     Root of ``f(alpha) = log(mse/Q*) - log(eps)`` (the fixed point at the given small ``lam``,
@@ -407,6 +415,8 @@ def recovery_threshold(T, teacher, channel, loss="square", reg="nuclear", lam=1e
     eps : ``0 < eps < 1``.   xtol : absolute tolerance in alpha (finite, > 0).
     max_expand : how many times (0..60) the bracket may be doubled up / halved down.
     warm_start : start each SE run from the nearest evaluated fixed point.
+    progress : None, or a callable ``progress(alpha, value, converged)`` called after every SE
+        evaluation (``value``: the criterion ``f(alpha)``, NaN where the SE failed).
     se_kwargs : further keywords of :func:`~amp_attention.se.state_evolution` (defaults here:
         ``max_iter=2000, tol=1e-10, predictions=False``); ``init`` is managed by the search.
 
@@ -417,6 +427,7 @@ def recovery_threshold(T, teacher, channel, loss="square", reg="nuclear", lam=1e
     """
     T, bracket, eps, xtol, max_expand = _check_common(T, bracket, eps, xtol, max_expand)
     _check_flag(warm_start, "warm_start")
+    progress = check_callback(progress, "progress")
     se_kwargs = dict(se_kwargs)
     lam = _erm_setup(T, teacher, channel, loss, reg, lam, bracket, se_kwargs, None)
     log_eps = math.log(eps)
@@ -426,13 +437,13 @@ def recovery_threshold(T, teacher, channel, loss="square", reg="nuclear", lam=1e
 
     search = _Search(_erm_evaluator(T, teacher, channel, loss, reg, lam, se_kwargs, bool(warm_start), value_of),
                      f"log(mse/Q*) - log(eps) (eps={eps:g})",
-                     lambda v: f"mse/Q* = {eps * math.exp(v):.3g}")
+                     lambda v: f"mse/Q* = {eps * math.exp(v):.3g}", progress)
     return search.run(bracket, xtol, max_expand)
 
 
 def interpolation_threshold(T, teacher, channel, loss="square", reg="frobenius", lam=1e-5, *,
                             bracket=(0.02, 1.0), eps=1e-3, xtol=2e-3, max_expand=3, warm_start=True,
-                            **se_kwargs) -> ThresholdResult:
+                            progress=None, **se_kwargs) -> ThresholdResult:
     """Largest alpha whose ERM-SE fixed point still fits the training data (docs/theory.md §7.5).
 
     Root of ``f(alpha) = log(eps) - log(train_loss - floor)``: the excess training loss
@@ -445,6 +456,7 @@ def interpolation_threshold(T, teacher, channel, loss="square", reg="frobenius",
     """
     T, bracket, eps, xtol, max_expand = _check_common(T, bracket, eps, xtol, max_expand, eps_below_one=False)
     _check_flag(warm_start, "warm_start")
+    progress = check_callback(progress, "progress")
     se_kwargs = dict(se_kwargs)
     lam = _erm_setup(T, teacher, channel, loss, reg, lam, bracket, se_kwargs, True)
     law = as_spectral_law(teacher, se_kwargs.get("spectrum", "exact"))
@@ -467,7 +479,7 @@ def interpolation_threshold(T, teacher, channel, loss="square", reg="frobenius",
 
     search = _Search(_erm_evaluator(T, teacher, channel, loss, reg, lam, se_kwargs, bool(warm_start), value_of),
                      f"log(eps) - log(max(excess train loss, 1e-12 eps)) (eps={eps:g}, floor={floor:.6g})",
-                     lambda v: f"excess train loss = {eps * math.exp(-v):.3g}")
+                     lambda v: f"excess train loss = {eps * math.exp(-v):.3g}", progress)
     return search.run(bracket, xtol, max_expand)
 
 
@@ -477,7 +489,7 @@ def interpolation_threshold(T, teacher, channel, loss="square", reg="frobenius",
 
 
 def bayes_threshold(T, teacher, channel, *, eps=1e-8, bracket=(0.01, 1.0), xtol=1e-4, max_expand=3,
-                    verify=False, verify_margin=0.05, verify_max_iter=20000) -> ThresholdResult:
+                    verify=False, verify_margin=0.05, verify_max_iter=20000, progress=None) -> ThresholdResult:
     """Bayes-optimal recovery threshold: the alpha at which ``mse = eps Q*`` is a fixed point of the
     Bayes-optimal SE (docs/theory.md §7.4); for ``eps -> 0`` the perfect-recovery threshold.
 
@@ -501,10 +513,11 @@ def bayes_threshold(T, teacher, channel, *, eps=1e-8, bracket=(0.01, 1.0), xtol=
 
     Parameters: ``T``, ``teacher`` (a :class:`SpectralLaw` or a :class:`Teacher`), ``channel`` as
     for :func:`~amp_attention.se.bayes_state_evolution`; ``0 < eps < 1``; ``bracket``, ``xtol``,
-    ``max_expand`` as for :func:`recovery_threshold`; ``0 < verify_margin < 1``.
+    ``max_expand``, ``progress`` as for :func:`recovery_threshold`; ``0 < verify_margin < 1``.
     """
     T, bracket, eps, xtol, max_expand = _check_common(T, bracket, eps, xtol, max_expand)
     _check_flag(verify, "verify")
+    progress = check_callback(progress, "progress")
     verify_margin = check_positive(verify_margin, "verify_margin")
     if verify_margin >= 1:
         raise ValueError(f"verify_margin must be in (0, 1), got {verify_margin!r}")
@@ -533,7 +546,7 @@ def bayes_threshold(T, teacher, channel, *, eps=1e-8, bracket=(0.01, 1.0), xtol=
         return value, True, f"one step from mse = eps Q*: mse -> {r.mse / Q:.6g} Q*"
 
     search = _Search(evaluate, f"log(M(eps Q*)/(eps Q*)) (eps={eps:g})",
-                     lambda v: f"growth factor {math.exp(v):.6g}")
+                     lambda v: f"growth factor {math.exp(v):.6g}", progress)
     res = search.run(bracket, xtol, max_expand)
     if not (verify and res.found):
         return res
@@ -551,8 +564,7 @@ def bayes_threshold(T, teacher, channel, *, eps=1e-8, bracket=(0.01, 1.0), xtol=
     for sign in (+1, -1):
         alpha = res.alpha * (1 + sign * verify_margin)
         r, value, message = full_run(alpha)
-        search.points.append((alpha, value, bool(r is not None and r.converged),
-                              f"verification run from q0 = 0: {message}"))
+        search.add(alpha, value, bool(r is not None and r.converged), f"verification run from q0 = 0: {message}")
         if r is None or not math.isfinite(value):
             checks.append((False, f"the verification run at alpha={alpha:.6g} failed ({message})"))
         elif sign > 0:

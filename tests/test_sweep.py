@@ -270,3 +270,15 @@ def test_cli_thresholds_json(capsys):
     assert out["bayes"]["found"]
     assert out["bayes"]["alpha"] == pytest.approx(aa.perfect_recovery_threshold(0.5, 2), rel=1e-3)
     assert out["counting_bound"] == aa.perfect_recovery_threshold(0.5, 2)
+    assert "bayes" not in capsys.readouterr().err  # --json: no progress
+
+
+def test_cli_thresholds_reports_progress_per_se_run(capsys):
+    """Without --json, every threshold search shows a progress line on stderr (a search of many SE
+    runs can take minutes), ending with the number of SE runs it made."""
+    main(["thresholds", "--which", "bayes", "--T", "2", "--channel", "softmax"])
+    captured = capsys.readouterr()
+    lines = [ln for ln in captured.err.splitlines() if "bayes" in ln and "SE run" in ln]
+    assert lines, captured.err
+    assert "alpha=" in lines[-1] and "criterion=" in lines[-1]
+    assert "bayes" in captured.out

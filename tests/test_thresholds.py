@@ -65,6 +65,18 @@ def test_ridgeless_interpolation_threshold_is_one_over_2K(T):
     assert res.found and abs(res.alpha - 1 / (2 * K)) <= 3e-3
 
 
+def test_progress_is_called_once_per_se_evaluation():
+    """``progress(alpha, value, converged)`` sees exactly the evaluations the result records, in
+    order (the Bayes search's verification runs included)."""
+    for search, kw in ((recovery_threshold, dict(RIDGE, channel=aa.LinearChannel(0.0))),
+                       (bayes_threshold, dict(channel=aa.SoftmaxChannel(1.0), verify=True, verify_max_iter=3000))):
+        seen = []
+        res = search(2, LAW, progress=lambda a, v, c: seen.append((a, v, c)), **kw)
+        assert res.found and len(seen) == len(res.evaluations) >= 3
+        assert [(a, v) for a, v, _ in seen] == [tuple(e) for e in res.evaluations]
+        assert tuple(c for *_, c in seen) == res.converged
+
+
 def test_warm_and_cold_starts_give_the_same_threshold():
     warm = recovery_threshold(2, LAW, aa.LinearChannel(0.0), **RIDGE, xtol=1e-3)
     cold = recovery_threshold(2, LAW, aa.LinearChannel(0.0), **RIDGE, xtol=1e-3, warm_start=False)
@@ -237,6 +249,7 @@ BAD = [
     ("bracket", dict(bracket=(0.5, 0.5))), ("bracket", dict(bracket=(0.1, 0.5, 1))),
     ("eps", dict(eps=0)), ("eps", dict(eps=-1)), ("eps", dict(eps=float("nan"))),
     ("max_expand", dict(max_expand=-1)), ("max_expand", dict(max_expand=1.5)),
+    ("progress", dict(progress=3)),
 ]
 
 
