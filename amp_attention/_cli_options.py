@@ -405,7 +405,7 @@ def search_progress(desc, disable):
     from amp_attention.sweep import progress_bar
 
     with indented_progress():  # the bar keeps the (indenting) stream it was created with
-        bar = progress_bar(desc=desc, disable=disable, unit="SE run")
+        bar = progress_bar(desc=desc, disable=disable, bar_format="{desc}: {n_fmt} SE runs [{elapsed}{postfix}]")
 
     def progress(alpha, value, converged):
         bar.set_postfix_str(f"alpha={alpha:.5g} criterion={value:.3g}{'' if converged else ' (not converged)'}",

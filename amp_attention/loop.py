@@ -29,18 +29,20 @@ matrix ``S``), through ``cos = cos(u_t, u_{t-1})`` and ``ratio = |u_t| / |u_{t-1
 *bad* when the updates reverse without shrinking (``cos < -0.2`` and ``ratio > 0.9``: the map
 overshoots, as in a period-2 cycle) or grow while turning (``ratio > 1.05`` and ``cos < 0.5``).
 The step size is halved (down to ``theta_min = 1/64``) when at least 3 of the last 6 steps were
-bad (then the window restarts), and grows back by 10% per iteration while at most one of them was
-(not the current one) and the update shrinks.  The vote over a window makes the rule insensitive
+bad (then the window restarts), and grows back by 10% per iteration, up to its ceiling (1 unless
+:meth:`Loop.damp_harder` lowered it), while at most one of them was (not the current one) and the
+update shrinks.  The vote over a window makes the rule insensitive
 to isolated jumps of the map (e.g. the rank of a nuclear-norm prox changing by one), which a
 step-by-step rule mistook for oscillation, driving the step size to its floor.  A contracting iteration therefore stays
 undamped even when its first updates overshoot, and growth along a steady direction (an iteration
 leaving a plateau) is left alone: damping cannot cure a monotone instability and would only slow
 the escape.  A step size stuck at ``theta_min`` for 25 iterations (chatter across a discontinuity
-of the map, e.g. a non-convex prox switching branch) restarts undamped.  For a linearised map with
+of the map, e.g. a non-convex prox switching branch) restarts at the ceiling.  For a linearised map with
 eigenvalue ``lambda`` the damped factor is ``1 + theta (lambda - 1)``: any ``lambda < 1`` contracts
 for a small enough ``theta``, so cycles (``lambda = -1``) and overshooting divergences
 (``lambda < -1``) are cured, and the fixed point is unchanged.  A loop can also ask for a smaller
-step after a failed evaluation (:meth:`Loop.backtrack`).
+step after a failed evaluation (:meth:`Loop.backtrack`), or when it sees a cycle the vote cannot
+(:meth:`Loop.damp_harder`: the SE, whose map is deterministic, does so when a state repeats).
 
 Usage::
 
@@ -176,6 +178,7 @@ class Loop:
         self._stopped = False
         self._by_callback = False
         self.theta = 1.0 if self.damping == "auto" else None  # adaptive step size
+        self.theta_max = 1.0  # its ceiling (lowered by damp_harder)
         self._prev_update = None
         self._bad = []  # the adaptive rule's recent votes (True: a bad step)
         self._at_floor = 0
@@ -213,12 +216,12 @@ class Loop:
             self.theta = max(THETA_MIN, 0.5 * self.theta)
             self._bad = []
         elif not bad and sum(self._bad) <= 1 and ratio < 1.0:
-            self.theta = min(1.0, 1.1 * self.theta)
+            self.theta = min(self.theta_max, 1.1 * self.theta)
         # a step size stuck at its floor (chatter across a discontinuity of the map, where no
         # damping helps) restarts undamped
         self._at_floor = self._at_floor + 1 if self.theta == THETA_MIN else 0
         if self._at_floor >= RESTART_AFTER:
-            self.theta, self._at_floor = 1.0, 0
+            self.theta, self._at_floor = self.theta_max, 0
 
     def update(self, new, old, adapt=True):
         """Damped update of a state tuple ``(1 - delta_t) new + delta_t old``, component-wise.
@@ -248,6 +251,20 @@ class Loop:
         if self.damping != "auto" or self.theta <= THETA_MIN:
             return False
         self.theta = max(THETA_MIN, 0.25 * self.theta)
+        self._prev_update = None
+        self._bad = []
+        return True
+
+    def damp_harder(self) -> bool:
+        """Halve the ceiling of the adaptive step size for the rest of the run, and the step size
+        with it (``'auto'`` only; the votes restart), e.g. when the caller sees its deterministic
+        map back at a state it visited: a cycle longer than the vote's window, such as a runaway
+        followed by a collapse, during which the step size grows back after each halving.  False
+        when it cannot shrink further."""
+        if self.damping != "auto" or self.theta_max <= THETA_MIN:
+            return False
+        self.theta_max = max(THETA_MIN, 0.5 * self.theta_max)
+        self.theta = min(self.theta, self.theta_max)
         self._prev_update = None
         self._bad = []
         return True

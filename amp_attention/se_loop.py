@@ -21,7 +21,8 @@ from .output_sample import has_smooth_g_out
 
 __all__ = ["iterate_se", "se_map", "input_side_map", "replicate_shifts", "erm_change", "check_init", "in_domain",
            "check_acceleration", "half_ratio_sq", "SE_HISTORY_KEYS", "ACCELERATIONS", "QUIET",
-           "RESOLUTION_WINDOW", "RESOLUTION_FRACTION"]
+           "RESOLUTION_WINDOW", "RESOLUTION_FRACTION", "CYCLE_MEMORY", "CYCLE_RTOL",
+           "CYCLE_MIN_CHANGE"]
 
 #: Overflow is detected (non-finite state / predictions -> flagged), not warned about.
 QUIET = np.errstate(over="ignore", invalid="ignore", divide="ignore")
@@ -36,6 +37,12 @@ ACCELERATIONS = ("anderson", "none", None)  # ('none': the spelling of the CLI a
 #: integration error of one step of the map.
 RESOLUTION_WINDOW = 8
 RESOLUTION_FRACTION = 0.25
+#: A state within ``CYCLE_RTOL`` (relative) of one of the last ``CYCLE_MEMORY`` states: the
+#: deterministic map cycles; with adaptive damping the step size is halved (:meth:`Loop.damp_harder`).
+CYCLE_MEMORY = 32
+CYCLE_RTOL = 1e-12
+CYCLE_MIN_CHANGE = 1e-6  # (a cycle moves: a state met again while the steps are this large)
+
 
 class _Step(NamedTuple):
     """One step of :func:`iterate_se`: the state it started from, the map's raw value there, the
@@ -111,6 +118,13 @@ def _resolution_reached(output, overlaps, sample, state, changes, change):
     return (recent, step_error) if recent <= RESOLUTION_FRACTION * step_error else None
 
 
+def _repeats(state, seen, change) -> bool:
+    """``state`` within ``CYCLE_RTOL`` of one of the states ``seen``, measured by the loop's
+    ``change`` (relative to ``max(1, |m|, |q|, |V|)`` for the ERM SE, to the mse for the Bayes SE,
+    whose geometric decay towards perfect recovery is then no repeat)."""
+    return any(change(s, state) <= CYCLE_RTOL for s in seen)
+
+
 def iterate_se(output, denoiser, sample, overlaps, *, init, max_iter, tol, damping, callback,
                change, mse_floor=None, what="the state evolution", acceleration="anderson",
                preconditioner=None):
@@ -148,7 +162,14 @@ def iterate_se(output, denoiser, sample, overlaps, *, init, max_iter, tol, dampi
     rule with replicates, the loop therefore also stops, converged, when its change has set no new
     low for ``RESOLUTION_WINDOW`` steps and stayed below ``RESOLUTION_FRACTION`` times the
     integration error of one step of the map (:func:`replicate_shifts`, measured by ``change``); the
-    message says so (docs/theory.md §7.3).
+    message says so (docs/theory.md §7.3).  ``tol = 0`` (run all ``max_iter`` steps) turns it off.
+
+    **Cycles.** The map is deterministic, so a state that repeats one of the last ``CYCLE_MEMORY``
+    but its predecessor (to ``CYCLE_RTOL``), at a change above ``CYCLE_MIN_CHANGE``, is a cycle, which goes on for ever unless the step changes.  A long one (a
+    runaway of ``q`` and ``V`` by 10x per step, then a collapse to ``S = 0``, as for the
+    softmax-square loss at ``alpha = 0.02``, ``lam = 1e-5``) escapes the adaptive damping's vote,
+    which compares consecutive updates only; with ``damping='auto'`` the step size is then halved
+    (:meth:`~amp_attention.loop.Loop.damp_harder`) and the Anderson memory cleared.
     """
     Q = sample.Q
     state = check_init(init, Q)
@@ -156,7 +177,9 @@ def iterate_se(output, denoiser, sample, overlaps, *, init, max_iter, tol, dampi
     accel = Anderson(preconditioner=preconditioner) if check_acceleration(acceleration, damping) else None
     last = (None, None, None)
     prev = None  # the last _Step: where a retry restarts from
-    changes = [] if not has_smooth_g_out(output) else None  # (for the resolution stop)
+    seen = []  # recent states (a repeat is a cycle of the deterministic map)
+    # (the resolution stop: for a non-Lipschitz g, and not when all max_iter steps were asked for, tol = 0)
+    changes = [] if not has_smooth_g_out(output) and loop.tol > 0 else None
 
     def evaluate(m, q, V, t):
         """One SE map evaluation; returns (conjugates, raw new state) or an error message."""
@@ -214,6 +237,11 @@ def iterate_se(output, denoiser, sample, overlaps, *, init, max_iter, tol, dampi
             break
         if loop.finished(delta, callback_args=(t, loop.history)):
             break
+        if delta > CYCLE_MIN_CHANGE and _repeats(state, seen[:-1], change) and loop.damp_harder():
+            seen.clear()  # a cycle: damp harder, and forget the cycle's states
+            if accel is not None:
+                accel.reset()
+        seen = (seen + [state])[-CYCLE_MEMORY:]
         if changes is not None:
             changes.append(delta)
             reached = _resolution_reached(output, overlaps, sample, state, changes, change)

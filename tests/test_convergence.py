@@ -181,7 +181,7 @@ def _run_jumpy(V0, eps, smooth=False, max_iter=200, **kw):
         warnings.simplefilter("ignore", ConvergenceWarning)
         state, _, out = iterate_se(_JumpySquare(V0, eps, smooth), den, sample,
                                    lambda a, D, A: den.se_overlaps(law, a, D, A), init=None, max_iter=max_iter,
-                                   tol=1e-10, callback=None, change=erm_change, **dict(dict(damping="auto"), **kw))
+                                   callback=None, change=erm_change, **{"damping": "auto", "tol": 1e-10, **kw})
     return state, out, sample
 
 
@@ -215,6 +215,9 @@ def test_se_map_with_a_small_jump_stops_at_the_resolution_of_its_rule():
     step_error = np.max(outs.std(axis=0, ddof=1) / np.sqrt(len(reps))) / max(1.0, abs(m), abs(q), abs(V))
     assert changes.max() <= RESOLUTION_FRACTION * step_error * 1.01
     # a jump above the rule's resolution, or a factor that says g is Lipschitz: no such stop
+    # tol = 0 asks for every step (GAMP's replay): no early stop
+    _, out, _ = _run_jumpy(V0, eps, max_iter=40, tol=0.0)
+    assert not out["converged"] and out["n_iter"] == 40
     # a slow but steady approach (heavy fixed damping, plain steps) is no stall: it reaches tol
     _, out, _ = _run_jumpy(V0=np.inf, eps=0.0, max_iter=400, damping=0.9, acceleration=None)
     assert out["converged"] and "resolution" not in out["message"] and out["n_iter"] > 2 * RESOLUTION_WINDOW
@@ -223,3 +226,27 @@ def test_se_map_with_a_small_jump_stops_at_the_resolution_of_its_rule():
     for V_jump, kw in ((V0, {"eps": 1e-2}), (V0_smooth, {"eps": eps, "smooth": True})):
         _, out, _ = _run_jumpy(V_jump, max_iter=60, **kw)
         assert not out["converged"] and out["n_iter"] == 60, (kw, out["message"])
+
+
+def test_long_se_cycle_of_runaway_and_collapse_is_damped_to_the_fixed_point(monkeypatch):
+    """Softmax-square + nuclear at alpha = 0.02, lam = 1e-5 (noisy softmax, T = 2; the lower end of
+    the thresholds' bracket): undamped, q and V run away 10x per step, S then collapses to 0, and the
+    12-step cycle repeats exactly -- the adaptive vote, which compares consecutive updates, halves
+    the step size and lets it grow back every round.  The SE sees the repeated state and lowers the
+    step size's ceiling (docs/theory.md §7.3); it then converges to the fixed point that an
+    independent path, fixed damping 0.5, reaches.  With that rule disabled it does not converge."""
+    from amp_attention.loop import Loop
+
+    kw = dict(alpha=0.02, T=2, teacher=aa.SpectralLaw.wishart(0.5), channel=aa.SoftmaxChannel(1.0, 0.25),
+              loss="softmax_square", reg="nuclear", lam=1e-5, n_mc=65536, tol=1e-10, predictions=False)
+    auto = aa.state_evolution(**kw, max_iter=300)
+    fixed = aa.state_evolution(**kw, max_iter=300, damping=0.5)
+    assert auto.converged and fixed.converged, (auto.message, fixed.message)
+    assert max(auto.history["damping"]) > 0 and auto.n_iter < 150
+    for k in ("m", "q", "V"):
+        assert getattr(auto, k) == pytest.approx(getattr(fixed, k), rel=1e-6), k
+    monkeypatch.setattr(Loop, "damp_harder", lambda self: False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        cycling = aa.state_evolution(**kw, max_iter=150)
+    assert not cycling.converged

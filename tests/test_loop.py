@@ -96,3 +96,25 @@ def test_adaptive_rule_scales_each_component_separately():
         loop.update((x_new, v_new), (x_old, v_old))
         thetas.append(loop.theta)
     assert thetas[-1] < 1.0
+
+
+def test_damp_harder_lowers_the_ceiling_of_the_step_size_for_the_rest_of_the_run():
+    """After ``damp_harder`` the step size is halved and never grows back above the new ceiling,
+    however well the iteration contracts; each call halves the ceiling again, down to the floor;
+    with a fixed damping it does nothing."""
+    from amp_attention.loop import THETA_MIN
+
+    loop = Loop(["x"], max_iter=200, tol=0, damping="auto")
+    thetas = []
+    for t in loop:
+        if t in (5, 60):
+            assert loop.damp_harder()
+        loop.update((1.0 + 0.5 ** t,), (1.0 + 0.5 ** (t - 1),))   # a contracting sequence: good steps
+        thetas.append(loop.theta)
+    assert thetas[4] == 1.0 and thetas[5] == 0.5 and max(thetas[5:60]) == 0.5
+    assert thetas[60] == 0.25 and max(thetas[60:]) == 0.25
+    while loop.damp_harder():
+        pass
+    assert loop.theta_max == THETA_MIN and loop.theta == THETA_MIN
+    fixed = Loop(["x"], max_iter=2, tol=0, damping=0.3)
+    assert not fixed.damp_harder() and fixed.current_damping() == 0.3
