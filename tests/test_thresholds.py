@@ -6,8 +6,8 @@ the Bayes-optimal SE on noiseless softmax with a Wishart(rho <= 1) teacher recov
 above the counting bound ``(rho - rho^2/2)/(K - 1)`` (``K`` for the noiseless linear channel).
 """
 
+import functools
 import math
-import time
 
 import numpy as np
 import pytest
@@ -141,7 +141,6 @@ def test_square_loss_on_softmax_targets_has_no_recovery_threshold():
     """The issue's reproducer: square + nuclear on softmax targets never recovers S*; the result
     says so instead of raising after a long search."""
     teacher = aa.Teacher.wishart(60, 0.5, np.random.default_rng(0))
-    t0 = time.perf_counter()
     res = recovery_threshold(2, teacher, aa.SoftmaxChannel(1.0), n_mc=20_000)
     _check_consistent(res)
     assert not res.found and res.alpha is None
@@ -149,7 +148,6 @@ def test_square_loss_on_softmax_targets_has_no_recovery_threshold():
     assert res.searched == res.bracket == (0.02, 8.0) and res.expansions == 3
     assert [a for a, _ in res.evaluations] == [0.02, 1.0, 2.0, 4.0, 8.0]
     assert all(v > 0 for _, v in res.evaluations)
-    assert time.perf_counter() - t0 < 60
 
 
 def test_noiseless_data_is_always_interpolated():
@@ -253,23 +251,36 @@ BAD = [
 ]
 
 
+@pytest.fixture
+def se_calls(monkeypatch):
+    """Counts the SE runs the threshold functions start (both SE functions wrapped)."""
+    calls = []
+    for name in ("state_evolution", "bayes_state_evolution"):
+        original = getattr(thr, name)
+
+        @functools.wraps(original)  # (the search checks keywords against the SE's signature)
+        def counted(*args, _original=original, **kw):
+            calls.append(_original.__name__)
+            return _original(*args, **kw)
+        monkeypatch.setattr(thr, name, counted)
+    return calls
+
+
 @pytest.mark.parametrize("func", [recovery_threshold, interpolation_threshold])
 @pytest.mark.parametrize("name,kw", BAD)
-def test_threshold_arguments_are_checked_immediately(func, name, kw):
-    t0 = time.perf_counter()
+def test_threshold_arguments_are_checked_immediately(func, name, kw, se_calls):
     with pytest.raises(ValueError, match=name):
         func(2, LAW, aa.LinearChannel(0.0), **kw)
-    assert time.perf_counter() - t0 < 1.0
+    assert se_calls == []  # before any SE run
 
 
 @pytest.mark.parametrize("name,kw", BAD + [("eps", dict(eps=1.0)), ("verify_margin", dict(verify_margin=1.5)),
                                             ("verify_max_iter", dict(verify_max_iter=0)),
                                             ("verify", dict(verify="yes"))])
-def test_bayes_threshold_arguments_are_checked_immediately(name, kw):
-    t0 = time.perf_counter()
+def test_bayes_threshold_arguments_are_checked_immediately(name, kw, se_calls):
     with pytest.raises(ValueError, match=name):
         bayes_threshold(2, LAW, aa.SoftmaxChannel(1.0), **kw)
-    assert time.perf_counter() - t0 < 1.0
+    assert se_calls == []  # before any SE run
 
 
 @pytest.mark.parametrize("args,kw,name", [
@@ -291,12 +302,12 @@ def test_bayes_threshold_arguments_are_checked_immediately(name, kw):
     ((2, LAW, aa.LinearChannel(0.0)), dict(warm_start="no"), "warm_start"),
     ((2, LAW, aa.LinearChannel(0.0)), dict(callback=3), "callback"),
 ])
-def test_model_arguments_are_checked_by_the_se_before_the_search(args, kw, name):
+def test_model_arguments_are_checked_by_the_se_before_the_search(args, kw, name, se_calls):
     for func in (recovery_threshold, interpolation_threshold):
-        t0 = time.perf_counter()
+        se_calls.clear()
         with pytest.raises(ValueError, match=name):
             func(*args, **kw)
-        assert time.perf_counter() - t0 < 5.0
+        assert len(se_calls) <= 1  # at most the probe (stopped after one step), no search
 
 
 def test_unknown_se_keyword_is_a_type_error():
