@@ -218,7 +218,7 @@ class Loop:
         elif not bad and sum(self._bad) <= 1 and ratio < 1.0:
             self.theta = min(self.theta_max, 1.1 * self.theta)
         # a step size stuck at its floor (chatter across a discontinuity of the map, where no
-        # damping helps) restarts undamped
+        # damping helps) restarts at its ceiling (undamped unless damp_harder lowered it)
         self._at_floor = self._at_floor + 1 if self.theta == THETA_MIN else 0
         if self._at_floor >= RESTART_AFTER:
             self.theta, self._at_floor = self.theta_max, 0
